@@ -1,0 +1,309 @@
+"""Load GPT-2 weights from the Hugging Face hub, a local checkpoint directory, or a book `.pth` file.
+
+Tensors are read one at a time (safetensors and mmap'd torch files) and assigned into a model built
+on the meta device, so peak memory stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from finetune.errors import UserError
+from finetune.model import GPT, PRESETS, GPTConfig
+
+HUB_IDS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+# Per-block parameter names: ours -> (Hugging Face GPT-2 name, stored transposed as Conv1D).
+_HF_BLOCK = {
+    "ln_1.weight": ("ln_1.weight", False),
+    "ln_1.bias": ("ln_1.bias", False),
+    "attn.qkv.weight": ("attn.c_attn.weight", True),
+    "attn.qkv.bias": ("attn.c_attn.bias", False),
+    "attn.proj.weight": ("attn.c_proj.weight", True),
+    "attn.proj.bias": ("attn.c_proj.bias", False),
+    "ln_2.weight": ("ln_2.weight", False),
+    "ln_2.bias": ("ln_2.bias", False),
+    "mlp.fc.weight": ("mlp.c_fc.weight", True),
+    "mlp.fc.bias": ("mlp.c_fc.bias", False),
+    "mlp.proj.weight": ("mlp.c_proj.weight", True),
+    "mlp.proj.bias": ("mlp.c_proj.bias", False),
+}
+_HF_TOP = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
+
+# Per-block names: ours -> the book's GPTModel (q/k/v are separate Linear layers there).
+_BOOK_BLOCK = {
+    "ln_1.weight": "norm1.scale",
+    "ln_1.bias": "norm1.shift",
+    "attn.proj.weight": "att.out_proj.weight",
+    "attn.proj.bias": "att.out_proj.bias",
+    "ln_2.weight": "norm2.scale",
+    "ln_2.bias": "norm2.shift",
+    "mlp.fc.weight": "ff.layers.0.weight",
+    "mlp.fc.bias": "ff.layers.0.bias",
+    "mlp.proj.weight": "ff.layers.2.weight",
+    "mlp.proj.bias": "ff.layers.2.bias",
+}
+_BOOK_QKV = ("att.W_query", "att.W_key", "att.W_value")
+_BOOK_TOP = {
+    "wte.weight": "tok_emb.weight",
+    "wpe.weight": "pos_emb.weight",
+    "ln_f.weight": "final_norm.scale",
+    "ln_f.bias": "final_norm.shift",
+    "lm_head.weight": "out_head.weight",
+}
+
+
+def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None, dropout: float = 0.0) -> GPT:
+    """A `GPT` with weights from a hub id (`gpt2` … `gpt2-xl`, or `owner/repo`), a directory with
+    `config.json` + `model.safetensors` (or `pytorch_model.bin`), or a book `GPTModel` `.pth` file.
+
+    `config` overrides the architecture read from the checkpoint (needed only for a book `.pth` whose
+    shapes match no preset, since head counts cannot be read from shapes). `dropout` is a training
+    setting, not part of a checkpoint.
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        path = _download(str(name_or_path))
+    if path.is_file():
+        if path.suffix in (".pth", ".pt"):
+            return _load_book(path, config, dropout)
+        raise UserError(f"{path}: expected a checkpoint directory (config.json + model.safetensors) or a book .pth file")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path}: no config.json; a checkpoint directory needs config.json + model.safetensors")
+    raw = _read_json(config_file)
+    weights = _weights_file(path)
+    if raw.get("format") == "finetune":
+        config = config or _finetune_config(raw, config_file)
+        return _assemble(replace(config, dropout=dropout), _read_tensors(weights), weights)
+    config = config or _hf_config(raw, config_file)
+    return _assemble(replace(config, dropout=dropout), _from_hf(_read_tensors(weights)), weights)
+
+
+def book_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights in the book's `GPTModel` layout (qkv_bias=True), e.g. to save as a `.pth`."""
+    ours = model.state_dict()
+    C = model.config.n_embd
+    out = {book: ours[k] for k, book in _BOOK_TOP.items()}
+    for i in range(model.config.n_layer):
+        for k, book in _BOOK_BLOCK.items():
+            out[f"trf_blocks.{i}.{book}"] = ours[f"blocks.{i}.{k}"]
+        for kind in ("weight", "bias"):
+            for part, name in zip(ours[f"blocks.{i}.attn.qkv.{kind}"].split(C), _BOOK_QKV):
+                out[f"trf_blocks.{i}.{name}.{kind}"] = part
+    return {k: v.clone() for k, v in out.items()}
+
+
+_HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _download(name: str) -> Path:
+    if name in PRESETS and name not in HUB_IDS:
+        raise UserError(f"'{name}' has no pretrained weights; use a random init (model.init=random, or --init random)")
+    repo = HUB_IDS.get(name, name)
+    if not _HUB_REPO.fullmatch(repo):
+        raise UserError(
+            f"'{name}': no such file or directory, and not a hub id ({', '.join(HUB_IDS)}, or owner/name); "
+            "pass a directory with config.json + model.safetensors or a book .pth file"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:  # the hub raises many types (offline, 404, auth); all mean the same to a user
+        raise UserError(
+            f"could not download '{repo}' from the Hugging Face hub ({type(e).__name__}); when offline, pass a local "
+            "directory with config.json + model.safetensors, or use a random init (model.init=random, or --init random)"
+        ) from e
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from e
+
+
+def _weights_file(directory: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise UserError(f"{directory}: no weights file; expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _hf_config(raw: dict, where: Path) -> GPTConfig:
+    if raw.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{where}: model_type '{raw.get('model_type')}' is not gpt2")
+    if raw.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{where}: activation_function '{raw['activation_function']}' is not GPT-2's tanh GELU")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if raw.get(flag):
+            raise UserError(f"{where}: {flag}=true is not supported")
+    try:
+        return GPTConfig(
+            vocab_size=raw.get("vocab_size", 50257),
+            context_length=raw.get("n_positions", raw.get("n_ctx", 1024)),
+            n_embd=raw.get("n_embd", 768),
+            n_layer=raw.get("n_layer", 12),
+            n_head=raw.get("n_head", 12),
+            layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=raw.get("tie_word_embeddings", True),
+        )
+    except TypeError as e:
+        raise UserError(f"{where}: bad GPT-2 config ({e})") from e
+
+
+def _finetune_config(raw: dict, where: Path) -> GPTConfig:
+    if not isinstance(raw.get("model"), dict):
+        raise UserError(f"{where}: missing the 'model' section")
+    try:
+        return GPTConfig.from_dict(raw["model"])
+    except (TypeError, UserError) as e:
+        raise UserError(f"{where}: {e}") from e
+
+
+def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, one tensor in memory at a time where the format allows it."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+            return
+        state = _torch_load(path)
+    except UserError:
+        raise
+    except Exception as e:  # corrupt or truncated files raise format-specific errors
+        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
+    yield from state.items()
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A torch-saved state dict, never unpickling code (weights_only), mmap'd when possible."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) files cannot be mmap'd
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model_state_dict" in state:  # the book's training checkpoints
+        state = state["model_state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _from_hf(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    to_ours = {hf: (ours, transposed) for ours, (hf, transposed) in _HF_BLOCK.items()}
+    block_key = re.compile(r"h\.(\d+)\.(.+)")
+    for name, t in tensors:
+        name = name.removeprefix("transformer.")
+        if name in ("lm_head.weight",):
+            yield name, t
+        elif name in _HF_TOP:
+            yield _HF_TOP[name], t
+        elif (m := block_key.fullmatch(name)) and m.group(2) in to_ours:
+            ours, transposed = to_ours[m.group(2)]
+            yield f"blocks.{m.group(1)}.{ours}", t.t() if transposed else t
+        elif m and m.group(2) in ("attn.bias", "attn.masked_bias"):
+            continue  # causal-mask buffers of older checkpoints, not parameters
+        else:
+            yield name, t  # reported as unexpected
+
+
+def _from_book(state: dict[str, torch.Tensor], C: int) -> Iterator[tuple[str, torch.Tensor]]:
+    top = {book: ours for ours, book in _BOOK_TOP.items()}
+    block = {book: ours for ours, book in _BOOK_BLOCK.items()}
+    block_key = re.compile(r"trf_blocks\.(\d+)\.(.+)")
+    qkv_parts = {f"{p}.{kind}" for p in _BOOK_QKV for kind in ("weight", "bias")}
+    layers = set()
+    for name, t in state.items():
+        m = block_key.fullmatch(name)
+        if name in top:
+            yield top[name], t
+        elif m and m.group(2) in block:
+            yield f"blocks.{m.group(1)}.{block[m.group(2)]}", t
+        elif m and m.group(2) in qkv_parts:
+            layers.add(m.group(1))
+        elif m and m.group(2) == "att.mask":
+            continue  # the causal-mask buffer
+        else:
+            yield name, t
+    for i in sorted(layers, key=int):
+        p = f"trf_blocks.{i}."
+        yield f"blocks.{i}.attn.qkv.weight", torch.cat([state[p + q + ".weight"] for q in _BOOK_QKV])
+        # The book's qkv_bias=False models have no q/k/v biases: zeros compute the same thing.
+        bias = [state.get(p + q + ".bias", torch.zeros(C, dtype=state[p + q + ".weight"].dtype)) for q in _BOOK_QKV]
+        yield f"blocks.{i}.attn.qkv.bias", torch.cat(bias)
+
+
+def _load_book(path: Path, config: GPTConfig | None, dropout: float) -> GPT:
+    try:
+        state = _torch_load(path)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
+    if config is None:
+        config = _book_config(state, path)
+    return _assemble(replace(config, dropout=dropout), _from_book(state, config.n_embd), path)
+
+
+def _book_config(state: dict[str, torch.Tensor], path: Path) -> GPTConfig:
+    try:
+        vocab, C = state["tok_emb.weight"].shape
+        context = state["pos_emb.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"{path}: not a book GPTModel state dict (missing {e})") from e
+    n_layer = len({k.split(".")[1] for k in state if k.startswith("trf_blocks.")})
+    tied = "out_head.weight" in state and torch.equal(state["out_head.weight"], state["tok_emb.weight"])
+    for preset in PRESETS.values():
+        candidate = GPTConfig(**{**preset, "tie_embeddings": tied})
+        if (candidate.n_embd, candidate.n_layer) == (C, n_layer):
+            return GPTConfig(**{**candidate.to_dict(), "vocab_size": vocab, "context_length": context})
+    raise UserError(
+        f"{path}: shapes (n_embd={C}, n_layer={n_layer}) match no preset, so the head count is unknown; "
+        "pass config=GPTConfig(...) to load_pretrained"
+    )
+
+
+def _assemble(config: GPTConfig, tensors: Iterator[tuple[str, torch.Tensor]], source: Path) -> GPT:
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    state, unexpected, mismatched = {}, [], []
+    for name, t in tensors:
+        if config.tie_embeddings and name == "lm_head.weight":
+            continue  # the tied head is the token embedding
+        if name not in expected:
+            unexpected.append(name)
+        elif t.shape != expected[name].shape:
+            mismatched.append(f"{name} {tuple(t.shape)} != {tuple(expected[name].shape)}")
+        else:
+            # One owned fp32 copy per tensor: never a view of a memory-mapped file, never a second copy.
+            state[name] = torch.empty(t.shape, dtype=torch.float32).copy_(t)
+    missing = sorted(set(expected) - set(state) - {m.split(" ")[0] for m in mismatched})
+    problems = [
+        f"{label} ({len(names)}): {', '.join(names[:8])}{' …' if len(names) > 8 else ''}"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+        if names
+    ]
+    if problems:
+        raise UserError(f"{source}: weights do not fit the model ({'; '.join(problems)})")
+    model.load_state_dict(state, assign=True, strict=False)  # checked above; the tied head is re-tied below
+    model.tie_weights()
+    return model

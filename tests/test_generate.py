@@ -1,0 +1,77 @@
+"""Generation equals transformers' greedy decoding; cache, EOS, sampling and long prompts behave."""
+
+import pytest
+import torch
+
+from finetune import load_pretrained
+from finetune.generate import generate
+
+PROMPTS = [[464, 2068, 7586, 21831, 18045], [40, 1101], [1212, 318, 257]]
+
+
+@pytest.fixture(scope="module")
+def models(small_hf):
+    directory, hf = small_hf
+    return load_pretrained(directory).eval(), hf
+
+
+def test_greedy_matches_transformers_for_a_ragged_batch(models):
+    ours, hf = models
+    T = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in PROMPTS])
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0,
+                      eos_token_id=None)
+    got = generate(ours, PROMPTS, max_new_tokens=30)
+    assert [row[len(p):] for row, p in zip(got, PROMPTS)] == ref[:, T:].tolist()
+    assert all(len(row) == len(p) + 30 for row, p in zip(got, PROMPTS))
+
+
+def test_cache_and_no_cache_give_identical_tokens(models):
+    ours, _ = models
+    assert generate(ours, PROMPTS, 30) == generate(ours, PROMPTS, 30, use_cache=False)
+    sampled = [
+        generate(ours, PROMPTS, 20, temperature=0.8, top_k=40, top_p=0.9,
+                 generator=torch.Generator().manual_seed(7), use_cache=cache)
+        for cache in (True, False)
+    ]
+    assert sampled[0] == sampled[1]
+
+
+def test_tensor_prompts_return_a_tensor(models):
+    ours, _ = models
+    idx = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    out = generate(ours, idx, 7)
+    assert out.shape == (2, 12) and torch.equal(out[:, :5], idx)
+
+
+def test_each_sequence_stops_at_its_own_eos(models):
+    ours, _ = models
+    free = generate(ours, PROMPTS, 12)
+    eos = free[0][len(PROMPTS[0]) + 3]  # the 4th token the first prompt generates
+    stopped = generate(ours, PROMPTS, 12, eos_id=eos)
+    for row, free_row, p in zip(stopped, free, PROMPTS):
+        new = free_row[len(p):]
+        expected = new[: new.index(eos) + 1] if eos in new else new
+        assert row == p + expected
+    assert stopped[0][-1] == eos and len(stopped[0]) <= len(PROMPTS[0]) + 4
+    as_tensor = generate(ours, torch.tensor([PROMPTS[0]]), 12, eos_id=eos)
+    first = len(PROMPTS[0]) + free[0][len(PROMPTS[0]):].index(eos)
+    assert (as_tensor[0, first:] == eos).all()
+
+
+def test_sampling_limits(models):
+    ours, _ = models
+    greedy = generate(ours, PROMPTS, 10)
+    assert generate(ours, PROMPTS, 10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0)) == greedy
+    assert generate(ours, PROMPTS, 10, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0)) == greedy
+    runs = [generate(ours, PROMPTS, 10, temperature=1.0, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert runs[0] == runs[1] != greedy
+
+
+def test_overlong_prompt_is_truncated_with_a_warning(models):
+    ours, _ = models  # context 97
+    long_prompt = list(range(100, 250))
+    with pytest.warns(UserWarning, match="keeping its last"):
+        out = generate(ours, [long_prompt], 10)
+    assert out[0][:96] == long_prompt[-96:] and len(out[0]) == 97

@@ -1,0 +1,51 @@
+"""Our GPT computes what transformers' GPT-2 computes, on checkpoints in the real layout."""
+
+import torch
+
+from finetune import GPT, GPTConfig, load_pretrained
+
+
+def test_gpt2_124m_parameter_count():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("gpt2"))
+    assert model.num_parameters() == 124_439_808
+
+
+def test_presets_have_the_gpt2_shapes():
+    with torch.device("meta"):
+        counts = {name: GPT(GPTConfig.from_preset(name)).num_parameters() for name in ("gpt2-medium", "gpt2-large", "gpt2-xl")}
+    assert counts == {"gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+    with torch.device("meta"):
+        assert GPT(GPTConfig.from_preset("gpt2-tiny")).num_parameters() < 10_000_000
+
+
+def test_logits_match_transformers_124m(gpt2_hf):
+    directory, hf = gpt2_hf
+    ours = load_pretrained(directory).eval()
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_logits_match_transformers_odd_heads_full_context(small_hf):
+    directory, hf = small_hf
+    ours = load_pretrained(directory).eval()
+    assert ours.config.n_head == 5 and ours.config.context_length == 97
+    idx = torch.randint(0, 50257, (3, 97), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(idx, output_hidden_states=True)
+        assert (ours(idx) - ref.logits).abs().max().item() <= 1e-4
+        assert (ours(idx, return_hidden=True) - ref.hidden_states[-1]).abs().max().item() <= 1e-4
+
+
+def test_padding_mask_leaves_real_tokens_unchanged(small_hf):
+    ours = load_pretrained(small_hf[0]).eval()
+    idx = torch.randint(0, 50257, (1, 10), generator=torch.Generator().manual_seed(3))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), idx], dim=1)
+    mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 10)], dim=1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0).long()
+    with torch.no_grad():
+        expected = ours(idx)
+        got = ours(padded, attention_mask=mask, positions=positions)[:, 4:]
+    assert (got - expected).abs().max().item() <= 1e-5
