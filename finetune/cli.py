@@ -35,6 +35,60 @@ def _generate(args: argparse.Namespace) -> None:
     print(get_tokenizer().decode([t for t in out[len(prompt) :] if t != EOT_ID]))
 
 
+def _run(args: argparse.Namespace) -> None:
+    from recipes import load_run_config, recipe_module
+
+    config = load_run_config(args.recipe, args.config, args.overrides)
+    recipe_module(config.recipe).run(config, quiet=args.quiet)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from recipes import load_run_config
+
+    config = load_run_config(None, args.config, args.overrides)
+    print(f"# {args.config}: valid {config.recipe} config")
+    print(config.to_yaml(), end="")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from recipes import recipe_module
+
+    run_dir = Path(args.run_dir)
+    recipe = _run_recipe(run_dir)
+    module = recipe_module(recipe)
+    metrics = module.evaluate_run(run_dir, tuple(args.split))
+    print(json.dumps(metrics) if args.json else module.summary_table(metrics))
+
+
+def _run_recipe(run_dir) -> str:
+    import yaml
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml); pass the output_dir of a finished run")
+    recipe = (yaml.safe_load(config_file.read_text()) or {}).get("recipe")
+    if not recipe:
+        raise UserError(f"{config_file}: no 'recipe:' key")
+    return recipe
+
+
+def _classify(args: argparse.Namespace) -> None:
+    from recipes.spam import classify
+
+    for text, (label, prob) in zip(args.text, classify(args.checkpoint, args.text)):
+        print(f"{label}\t{prob:.4f}\t{text}")
+
+
+def _recipes(args: argparse.Namespace) -> None:
+    from recipes import presets
+
+    for recipe, paths in presets().items():
+        print(f"{recipe}: {', '.join(str(p) for p in paths) or '(no presets)'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="finetune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -49,11 +103,42 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int)
     gen.set_defaults(func=_generate)
+
+    run = commands.add_parser("run", help="train a recipe: finetune run spam [--config FILE] [key=value ...]")
+    run.add_argument("recipe", help="recipe name (see `finetune recipes`)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
+    run.add_argument("--config", help="YAML config (default: recipes/configs/<recipe>.yaml)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    run.set_defaults(func=_run)
+
+    val = commands.add_parser("validate", help="check a config file without running it")
+    val.add_argument("config")
+    val.add_argument("overrides", nargs="*", metavar="key=value")
+    val.set_defaults(func=_validate)
+
+    ev = commands.add_parser("eval", help="re-evaluate a run's kept checkpoint")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", nargs="+", default=["test"], choices=["train", "val", "test"])
+    ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ev.set_defaults(func=_eval)
+
+    cls = commands.add_parser("classify", help="label texts with a trained classifier")
+    cls.add_argument("checkpoint", help="run directory or checkpoint directory")
+    cls.add_argument("--text", action="append", required=True, help="a message to classify (repeatable)")
+    cls.set_defaults(func=_classify)
+
+    rec = commands.add_parser("recipes", help="list recipes and their preset configs")
+    rec.set_defaults(func=_recipes)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):
+        args.overrides += unknown  # key=value overrides given after an option
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except UserError as e:

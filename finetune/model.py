@@ -165,6 +165,10 @@ class GPT(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
+    def checkpoint_meta(self) -> dict:
+        """What config.json records to rebuild this model (see finetune.checkpoint)."""
+        return {"task": "lm", "model": self.config.to_dict()}
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameters counted once each (the tied head is the embedding)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -6,7 +6,6 @@ on the meta device, so peak memory stays near one copy of the weights.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.checkpoint import FORMAT, assemble, read_config, read_tensors
 from finetune.errors import UserError
 from finetune.model import GPT, PRESETS, GPTConfig
 
@@ -81,11 +81,11 @@ def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None
             return _load_book(path, config, dropout)
         raise UserError(f"{path}: expected a checkpoint directory (config.json + model.safetensors) or a book .pth file")
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{path}: no config.json; a checkpoint directory needs config.json + model.safetensors")
-    raw = _read_json(config_file)
+    raw = read_config(path)
     weights = _weights_file(path)
-    if raw.get("format") == "finetune":
+    if raw.get("format") == FORMAT:
+        if raw.get("task") != "lm":
+            raise UserError(f"{path}: a {raw.get('task')} checkpoint, not a language model; use `finetune classify`")
         config = config or _finetune_config(raw, config_file)
         return _assemble(replace(config, dropout=dropout), _read_tensors(weights), weights)
     config = config or _hf_config(raw, config_file)
@@ -129,13 +129,6 @@ def _download(name: str) -> Path:
         ) from e
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from e
-
-
 def _weights_file(directory: Path) -> Path:
     for name in WEIGHT_FILES:
         if (directory / name).is_file():
@@ -175,21 +168,14 @@ def _finetune_config(raw: dict, where: Path) -> GPTConfig:
 
 
 def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, one tensor in memory at a time where the format allows it."""
+    if path.suffix == ".safetensors":
+        return read_tensors(path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-            return
-        state = _torch_load(path)
+        return iter(_torch_load(path).items())
     except UserError:
         raise
     except Exception as e:  # corrupt or truncated files raise format-specific errors
         raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
-    yield from state.items()
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -254,7 +240,7 @@ def _load_book(path: Path, config: GPTConfig | None, dropout: float) -> GPT:
         state = _torch_load(path)
     except UserError:
         raise
-    except Exception as e:
+    except Exception as e:  # corrupt or truncated files raise format-specific errors
         raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
     if config is None:
         config = _book_config(state, path)
@@ -280,30 +266,4 @@ def _book_config(state: dict[str, torch.Tensor], path: Path) -> GPTConfig:
 
 
 def _assemble(config: GPTConfig, tensors: Iterator[tuple[str, torch.Tensor]], source: Path) -> GPT:
-    with torch.device("meta"):
-        model = GPT(config)
-    expected = model.state_dict()
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
-    state, unexpected, mismatched = {}, [], []
-    for name, t in tensors:
-        if config.tie_embeddings and name == "lm_head.weight":
-            continue  # the tied head is the token embedding
-        if name not in expected:
-            unexpected.append(name)
-        elif t.shape != expected[name].shape:
-            mismatched.append(f"{name} {tuple(t.shape)} != {tuple(expected[name].shape)}")
-        else:
-            # One owned fp32 copy per tensor: never a view of a memory-mapped file, never a second copy.
-            state[name] = torch.empty(t.shape, dtype=torch.float32).copy_(t)
-    missing = sorted(set(expected) - set(state) - {m.split(" ")[0] for m in mismatched})
-    problems = [
-        f"{label} ({len(names)}): {', '.join(names[:8])}{' …' if len(names) > 8 else ''}"
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-        if names
-    ]
-    if problems:
-        raise UserError(f"{source}: weights do not fit the model ({'; '.join(problems)})")
-    model.load_state_dict(state, assign=True, strict=False)  # checked above; the tied head is re-tied below
-    model.tie_weights()
-    return model
+    return assemble(lambda: GPT(config), tensors, source)

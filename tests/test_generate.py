@@ -72,6 +72,8 @@ def test_sampling_limits(models):
 def test_overlong_prompt_is_truncated_with_a_warning(models):
     ours, _ = models  # context 97
     long_prompt = list(range(100, 250))
-    with pytest.warns(UserWarning, match="keeping its last"):
+    with pytest.warns(UserWarning) as caught:
         out = generate(ours, [long_prompt], 10)
+    messages = [str(w.message) for w in caught]
+    assert any("keeping its last 96" in m for m in messages) and any("room for 1 new tokens" in m for m in messages)
     assert out[0][:96] == long_prompt[-96:] and len(out[0]) == 97

@@ -1,0 +1,45 @@
+"""Pictures of a run: training curves and a confusion matrix, as PNG files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(history: list[dict], path: Path, metric: str | None = None) -> None:
+    """Train and validation loss against steps, and one validation metric (e.g. accuracy) beside it."""
+    train = [r for r in history if r["split"] == "train"]
+    val = [r for r in history if r["split"] == "val"]
+    panels = 2 if metric and any(metric in r for r in val) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", alpha=0.6)
+    ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss", title="Loss")
+    ax.legend()
+    if panels == 2:
+        ax = axes[0][1]
+        ax.plot([r["step"] for r in val], [r[metric] for r in val], "o-", color="tab:green")
+        ax.set(xlabel="step", ylabel=metric, title=f"Validation {metric}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
+           xlabel="predicted", ylabel="true", title=title)
+    peak = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,42 @@
+"""Which parameters train: the whole model, its last blocks (plus final norm and heads), or the heads."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from finetune.errors import UserError
+from finetune.model import GPT
+
+
+def mark_trainable(model: nn.Module, trainable: str, n_blocks: int = 1) -> None:
+    """Set `requires_grad` for `finetune.trainable`: `all`, `last_block`, `last_n_blocks` (with
+    `n_blocks`) or `head`. Modules outside the GPT trunk (a classification head) always train."""
+    gpt = next((m for m in model.modules() if isinstance(m, GPT)), None)
+    if gpt is None:
+        raise UserError("the model has no GPT trunk to select trainable layers from")
+    if trainable == "all":
+        model.requires_grad_(True)
+        return
+    trunk_only = all(any(p is q for q in gpt.parameters()) for p in model.parameters())
+    if trainable == "head" and trunk_only:
+        raise UserError("finetune.trainable=head needs a model with its own head (e.g. the spam classifier)")
+    if trainable == "last_block":
+        n_blocks = 1
+    elif trainable == "head":
+        n_blocks = 0
+    elif trainable != "last_n_blocks":
+        raise UserError(f"finetune.trainable must be all, last_block, last_n_blocks or head, got '{trainable}'")
+    if n_blocks > gpt.config.n_layer:
+        raise UserError(f"finetune.n_blocks={n_blocks} but the model has only {gpt.config.n_layer} blocks")
+    model.requires_grad_(True)
+    gpt.requires_grad_(False)
+    if n_blocks:
+        for block in gpt.blocks[-n_blocks:]:
+            block.requires_grad_(True)
+        gpt.ln_f.requires_grad_(True)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), each shared parameter counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

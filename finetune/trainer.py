@@ -1,0 +1,350 @@
+"""The one training loop every recipe uses, on Hugging Face accelerate.
+
+A recipe hands over a model, datasets, a collate function and a `Task` (how to compute the loss and
+evaluate); the trainer does the rest: device placement, mixed precision, multi-process, gradient
+accumulation, AdamW, the LR schedule, evaluation, keep-best, early stopping, metrics files, and
+resumable checkpoints.
+
+Output directory:
+    config.yaml                 the resolved run config
+    metrics.jsonl, metrics.csv  one row per step (train) and per evaluation (val)
+    checkpoints/step-NNNNNNN/   resumable: model, optimizer, RNG, data position (keep_last of them)
+    best/                       the model with the best validation metric
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from finetune import checkpoint
+from finetune.config import RunConfig, TrainSection
+from finetune.errors import UserError
+from finetune.trainable import parameter_counts
+
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+
+
+class Task(Protocol):
+    """What a recipe teaches the trainer."""
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """Sum (not mean) of the per-target losses in `batch`."""
+
+    def count(self, batch: dict) -> int:
+        """Number of targets in `batch` (examples, or unmasked tokens)."""
+
+    def evaluate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+        """Metrics over the whole loader, gathered across processes."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # epochs completed
+    batches_in_epoch: int = 0  # micro-batches (per process) consumed in the current epoch
+    best_value: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    last_eval_step: int | None = None
+    stopped_early: bool = False
+    finished: bool = False
+
+
+@dataclass
+class FitResult:
+    kept: Path  # the checkpoint to evaluate: best/ or the last one
+    state: TrainState
+    history: list[dict] = field(default_factory=list)
+
+
+def make_accelerator(train: TrainSection) -> Accelerator:
+    try:
+        return Accelerator(mixed_precision=train.mixed_precision)
+    except ValueError as e:  # e.g. fp16 without a GPU
+        raise UserError(f"train.mixed_precision={train.mixed_precision}: {e}") from e
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: RunConfig,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        task: Task,
+        train_set: Dataset,
+        val_set: Dataset,
+        collate: Callable[[list], dict],
+        meta: dict[str, Any],
+        quiet: bool = False,
+        on_evaluate: Callable[[torch.nn.Module], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.train_cfg = config.train
+        self.accelerator = accelerator
+        self.task = task
+        self.train_set = train_set
+        self.collate = collate
+        self.meta = meta  # extra config.json entries for every saved model (labels, max_length, …)
+        self.quiet = quiet
+        self.on_evaluate = on_evaluate
+        self.out = Path(config.output_dir)
+        self.state = TrainState()
+        self.world = accelerator.num_processes
+
+        trainable, total = parameter_counts(model)
+        if trainable == 0:
+            raise UserError("no parameter is trainable; check finetune.trainable")
+        self._print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+        self.optimizer = _adamw(model, self.train_cfg)
+        self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        eval_bs = self.train_cfg.eval_batch_size or self.train_cfg.batch_size
+        self.val_loader = accelerator.prepare(eval_loader(val_set, eval_bs, collate))
+
+        batches = math.ceil(len(train_set) / (self.train_cfg.batch_size * self.world))
+        self.steps_per_epoch = math.ceil(batches / self.train_cfg.grad_accum_steps)
+        self.total_steps = self.steps_per_epoch * self.train_cfg.epochs
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> FitResult:
+        cfg = self.train_cfg
+        self._prepare_output_dir()
+        set_seed(cfg.seed + self.accelerator.process_index)
+        if self.config.resume:
+            self._resume()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            desc="training",
+            disable=self.quiet or not self.accelerator.is_main_process or not sys.stderr.isatty(),
+            dynamic_ncols=True,
+        )
+        while self.state.epoch < cfg.epochs and not self.state.stopped_early:
+            batches = iter(self._train_loader(self.state.epoch, self.state.batches_in_epoch))
+            while micro := list(islice(batches, cfg.grad_accum_steps)):
+                loss = self._optimizer_step(micro)
+                self.state.step += 1
+                self.state.batches_in_epoch += len(micro)
+                self._log({"split": "train", "loss": loss, "lr": self._lr()})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if cfg.eval_every and self.state.step % cfg.eval_every == 0:
+                    self._evaluate(bar)
+                    if self.state.stopped_early:
+                        break
+                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if not self.state.stopped_early:
+                self.state.epoch += 1
+                self.state.batches_in_epoch = 0
+            if self.state.last_eval_step != self.state.step:
+                self._evaluate(bar)
+            self.save_checkpoint()
+        bar.close()
+        self.state.finished = True
+        self.save_checkpoint()
+        if self.state.stopped_early:
+            self._print(f"stopped early at step {self.state.step}: no improvement in {cfg.patience} evaluations")
+        return FitResult(self.kept_checkpoint(self.out), self.state, _read_jsonl(self.out / "metrics.jsonl"))
+
+    def _train_loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        """This epoch's shuffled order (a function of seed and epoch), minus the batches already done."""
+        generator = torch.Generator().manual_seed(self.train_cfg.seed + epoch)
+        order = torch.randperm(len(self.train_set), generator=generator)
+        start = skip_batches * self.train_cfg.batch_size * self.world
+        loader = DataLoader(self.train_set, self.train_cfg.batch_size, sampler=order[start:].tolist(),
+                            collate_fn=self.collate, generator=generator)  # own generator: keeps the global RNG for dropout
+        return self.accelerator.prepare(loader)
+
+    def _optimizer_step(self, micro: list[dict]) -> float:
+        """One optimizer step over micro-batches, the loss normalised by the targets of all of them
+        on all processes (exact under accumulation and for batches of unequal size)."""
+        acc = self.accelerator
+        count = torch.tensor(sum(self.task.count(b) for b in micro), device=acc.device, dtype=torch.float64)
+        total = acc.reduce(count, reduction="sum").item()
+        for g in self.optimizer.param_groups:
+            g["lr"] = self._lr()
+        self.model.train()
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            sync = acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
+            with sync:
+                loss = self.task.loss(self.model, batch)
+                # DDP averages gradients over processes; scaling by world size makes it a sum.
+                acc.backward(loss * (self.world / total))
+            loss_sum += loss.detach().float().item()
+        if self.train_cfg.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.model.parameters(), self.train_cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum").item() / total
+
+    def _lr(self) -> float:
+        """Learning rate for the step about to be taken: linear warmup, then constant or cosine."""
+        cfg, step = self.train_cfg, self.state.step
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return cfg.lr
+        progress = (step - cfg.warmup_steps) / max(1, self.total_steps - cfg.warmup_steps)
+        floor = cfg.lr * cfg.min_lr_ratio
+        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    # -- evaluation and keep-best -----------------------------------------------------------------
+
+    def _evaluate(self, bar) -> None:
+        cfg = self.train_cfg
+        metrics = self.task.evaluate(self.model, self.val_loader, self.accelerator)
+        if cfg.best_metric not in metrics:
+            raise UserError(f"train.best_metric='{cfg.best_metric}' is not a validation metric; choose one of {sorted(metrics)}")
+        self.state.last_eval_step = self.state.step
+        self._log({"split": "val", **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        bar.set_postfix({"val_" + cfg.best_metric: f"{metrics[cfg.best_metric]:.4f}"}, refresh=False)
+        value = metrics[cfg.best_metric]
+        best = self.state.best_value
+        if best is None or (value < best if cfg.best_mode == "min" else value > best):
+            self.state.best_value, self.state.best_step, self.state.evals_since_best = value, self.state.step, 0
+            self._save(self.out / BEST, with_training_state=False)
+        else:
+            self.state.evals_since_best += 1
+            if cfg.patience and self.state.evals_since_best >= cfg.patience:
+                self.state.stopped_early = True
+        if self.on_evaluate is not None and self.accelerator.is_main_process:
+            self.on_evaluate(self.accelerator.unwrap_model(self.model))
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        self._save(self.out / CHECKPOINTS / f"step-{self.state.step:07d}", with_training_state=True)
+        if self.accelerator.is_main_process:
+            for old in checkpoint_dirs(self.out)[: -self.train_cfg.keep_last]:
+                shutil.rmtree(old)
+
+    def _save(self, directory: Path, with_training_state: bool) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            files = checkpoint.model_files(model, self.meta)
+            files["run_config.yaml"] = lambda path: path.write_text(self.config.to_yaml())
+            if with_training_state:
+                files.update(checkpoint.training_state_files(self.optimizer, asdict(self.state)))
+            checkpoint.write_directory(directory, files)
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self) -> None:
+        dirs = checkpoint_dirs(self.out)
+        if not dirs:
+            self._print(f"resume=true: no checkpoint in {self.out / CHECKPOINTS}; starting from the beginning")
+            return
+        latest = dirs[-1]
+        checkpoint.load_weights(self.accelerator.unwrap_model(self.model), latest)
+        document = checkpoint.load_training_state(latest, self.optimizer)
+        self.state = TrainState(**{k: document[k] for k in asdict(TrainState()) if k in document})
+        if self.state.finished:
+            raise UserError(f"{self.out}: this run already finished; use another output_dir, or overwrite=true to start again")
+        self._print(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch + 1})")
+        # Rows logged after that checkpoint belong to lost work; they are logged again.
+        rows = [r for r in _read_jsonl(self.out / "metrics.jsonl") if r["step"] <= self.state.step]
+        if self.accelerator.is_main_process:
+            checkpoint.write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    def _prepare_output_dir(self) -> None:
+        """Refuse to overwrite another run unless asked to; never delete anything on resume."""
+        config_file = self.out / "config.yaml"
+        if config_file.exists() and not (self.config.resume or self.config.overwrite):
+            raise UserError(
+                f"{self.out} holds a previous run; pass resume=true to continue it, overwrite=true to replace it, "
+                "or choose another output_dir"
+            )
+        saved = self.config.model_copy(update={"resume": False, "overwrite": False}).to_yaml()
+        if self.config.resume and config_file.exists() and config_file.read_text() != saved:
+            raise UserError(f"{config_file}: resume=true needs the same config as the run it continues")
+        if self.accelerator.is_main_process:
+            if self.config.overwrite:
+                for name in (CHECKPOINTS, BEST, "metrics.jsonl", "metrics.csv"):
+                    path = self.out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text_atomic(config_file, saved)
+        self.accelerator.wait_for_everyone()
+
+    @staticmethod
+    def kept_checkpoint(out: Path) -> Path:
+        if (out / BEST).is_dir():
+            return out / BEST
+        dirs = checkpoint_dirs(out)
+        if not dirs:
+            raise UserError(f"{out}: no checkpoint found (no {BEST}/ or {CHECKPOINTS}/step-*/); was the run trained?")
+        return dirs[-1]
+
+    # -- output -----------------------------------------------------------------------------------
+
+    def _log(self, row: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        row = {"step": self.state.step, "epoch": self.state.epoch + self.state.batches_in_epoch / max(1, self._batches_per_epoch()), **row}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if row["split"] != "train":
+            write_metrics_csv(self.out)
+
+    def _batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train_set) / (self.train_cfg.batch_size * self.world))
+
+    def _print(self, message: str) -> None:
+        if self.accelerator.is_main_process and not self.quiet:
+            tqdm.write(message, file=sys.stderr)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, collate: Callable[[list], dict]) -> DataLoader:
+    """Fixed order, and a generator of its own so that evaluating never moves the global RNG."""
+    return DataLoader(dataset, batch_size, shuffle=False, collate_fn=collate, generator=torch.Generator())
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Resumable checkpoints, oldest first."""
+    return sorted(p for p in (Path(out) / CHECKPOINTS).glob("step-*") if p.is_dir())
+
+
+def write_metrics_csv(out: Path) -> None:
+    rows = _read_jsonl(out / "metrics.jsonl")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = out / ".tmp-metrics.csv"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out / "metrics.csv")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _adamw(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms), as nanoGPT and most recipes do."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), foreach=True)
