@@ -139,10 +139,11 @@ class Trainer:
         while self.state.epoch < cfg.epochs and not self.state.stopped_early:
             batches = iter(self._train_loader(self.state.epoch, self.state.batches_in_epoch))
             while micro := list(islice(batches, cfg.grad_accum_steps)):
-                loss = self._optimizer_step(micro)
+                lr = self._lr()
+                loss = self._optimizer_step(micro, lr)
                 self.state.step += 1
                 self.state.batches_in_epoch += len(micro)
-                self._log({"split": "train", "loss": loss, "lr": self._lr()})
+                self._log({"split": "train", "loss": loss, "lr": lr})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0:
@@ -173,14 +174,14 @@ class Trainer:
                             collate_fn=self.collate, generator=generator)  # own generator: keeps the global RNG for dropout
         return self.accelerator.prepare(loader)
 
-    def _optimizer_step(self, micro: list[dict]) -> float:
+    def _optimizer_step(self, micro: list[dict], lr: float) -> float:
         """One optimizer step over micro-batches, the loss normalised by the targets of all of them
         on all processes (exact under accumulation and for batches of unequal size)."""
         acc = self.accelerator
         count = torch.tensor(sum(self.task.count(b) for b in micro), device=acc.device, dtype=torch.float64)
         total = acc.reduce(count, reduction="sum").item()
         for g in self.optimizer.param_groups:
-            g["lr"] = self._lr()
+            g["lr"] = lr
         self.model.train()
         loss_sum = 0.0
         for i, batch in enumerate(micro):

@@ -1,6 +1,7 @@
 """The spam recipe end to end on small real data, and the trainer behaviours it relies on."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -166,3 +167,24 @@ def test_pretrained_offline_says_what_to_do(tmp_path, data):
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "model.init=random" in result.stderr and "local" in result.stderr
+
+
+def test_schedule_early_stopping_bf16_and_last_position(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    args = tiny_spam_args(data, out, "train.schedule=cosine", "train.warmup_steps=3", "train.min_lr_ratio=0.1",
+                          "train.eval_every=2", "train.patience=2", "train.mixed_precision=bf16",
+                          "model.pool=last_position", "train.best_metric=accuracy", "train.best_mode=max")
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if r["split"] == "train"]
+    expected = [1e-3 / 3, 2e-3 / 3, 1e-3] + [
+        1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (step - 3) / 11)) for step in range(3, 14)]  # 14 steps planned
+    assert lrs == pytest.approx(expected[: len(lrs)], rel=1e-9)
+    evals = [r for r in rows if r["split"] == "val"]
+    accuracies = [r["accuracy"] for r in evals]
+    best_at = accuracies.index(max(accuracies))
+    assert len(lrs) < 14 and len(evals) == best_at + 3  # stopped `patience` evaluations after the best
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["pool"] == "last_position" and config["task"] == "classification"
+    assert json.loads((out / "metrics.json").read_text())["val"]["accuracy"] == max(accuracies)
