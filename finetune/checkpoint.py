@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from finetune.errors import UserError
 FORMAT = "finetune"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -70,8 +73,20 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def model_files(model: torch.nn.Module, meta: dict) -> dict[str, Callable[[Path], None]]:
-    """Writers for a model checkpoint: the weights and a config.json describing how to rebuild it."""
+    """Writers for a model checkpoint: the weights and a JSON file describing how to rebuild them.
+
+    A model with LoRA layers is saved as its adapter only (adapter.safetensors + adapter_config.json,
+    which names the base model); any other as model.safetensors + config.json.
+    """
+    from finetune.lora import lora_config, lora_layers, lora_state_dict
+
     config = {"format": FORMAT, **model.checkpoint_meta(), **meta}
+    if lora_layers(model):
+        config["adapter"] = lora_config(model)
+        return {
+            ADAPTER_FILE: lambda path: save_file(lora_state_dict(model), str(path)),
+            ADAPTER_CONFIG: lambda path: path.write_text(json.dumps(config, indent=2)),
+        }
     return {
         MODEL_FILE: lambda path: save_file(model_state(model), str(path)),
         CONFIG_FILE: lambda path: path.write_text(json.dumps(config, indent=2)),
@@ -81,12 +96,12 @@ def model_files(model: torch.nn.Module, meta: dict) -> dict[str, Callable[[Path]
 # -- reading ------------------------------------------------------------------------------------
 
 
-def read_config(directory: Path) -> dict:
-    path = Path(directory) / CONFIG_FILE
+def read_config(directory: Path, name: str = CONFIG_FILE) -> dict:
+    path = Path(directory) / name
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{directory}: not a checkpoint (no {CONFIG_FILE})") from None
+        raise UserError(f"{directory}: not a checkpoint (no {name})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(config, dict):
@@ -148,36 +163,102 @@ def _untied(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Load a checkpoint's weights into an existing model (same architecture), strictly."""
-    path = Path(directory) / MODEL_FILE
+    """Load a checkpoint's weights (or adapter) into a model of the same architecture, strictly."""
+    from finetune.lora import lora_state_dict
+
+    directory = Path(directory)
+    if (directory / ADAPTER_FILE).exists():
+        path, expected = directory / ADAPTER_FILE, {k: v.shape for k, v in lora_state_dict(model).items()}
+    else:
+        path, expected = directory / MODEL_FILE, {k: v.shape for k, v in _untied(model).items()}
     state = dict(read_tensors(path))
-    expected = set(_untied(model))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not fit the model (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}" for k in expected if k in state and state[k].shape != expected[k]]
+    if missing or unexpected or mismatched:
+        details = "; ".join(f"{label}: {', '.join(items[:4])}" for label, items in
+                            (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items)
+        raise UserError(f"{path}: does not fit this model, was it saved for another base? ({details})")
     model.load_state_dict(state, strict=False)
 
 
-def load_model(directory: Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a model saved by finetune, and its config.json."""
-    from finetune.classifier import GPTClassifier
-    from finetune.model import GPT, GPTConfig
+def load_model(directory: Path, dropout: float = 0.0) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model saved by finetune (full weights, or base + adapter), and its config.
 
+    `dropout` is a training setting, not part of the checkpoint."""
     directory = Path(directory)
+    if (directory / ADAPTER_CONFIG).exists():
+        return _load_adapter_model(directory, dropout)
     meta = read_config(directory)
     if meta.get("format") != FORMAT:
         raise UserError(f"{directory}: not a finetune checkpoint (config.json has no \"format\": \"{FORMAT}\")")
+    build = _builder(meta, directory / CONFIG_FILE)
+    config = replace(_gpt_config(meta, directory / CONFIG_FILE), dropout=dropout)
+    return assemble(lambda: build(config), read_tensors(directory / MODEL_FILE), directory / MODEL_FILE), meta
+
+
+def _gpt_config(meta: dict, where: Path):
+    from finetune.model import GPTConfig
+
     try:
-        config = GPTConfig.from_dict(meta["model"])
-        task = meta["task"]
-        builders = {
-            "lm": lambda: GPT(config),
-            "classification": lambda: GPTClassifier(GPT(config), meta["num_classes"], meta["pool"]),
-        }
-        build = builders[task]
+        return GPTConfig.from_dict(meta["model"])
     except (KeyError, TypeError) as e:
-        raise UserError(f"{directory / CONFIG_FILE}: missing or bad entry {e}") from e
-    return assemble(build, read_tensors(directory / MODEL_FILE), directory / MODEL_FILE), meta
+        raise UserError(f"{where}: missing or bad 'model' entry ({e})") from e
+
+
+def _builder(meta: dict, where: Path) -> Callable:
+    """A function GPT -> the model of this checkpoint's task (a GPTConfig gives a fresh trunk)."""
+    from finetune.classifier import GPTClassifier
+    from finetune.model import GPT
+
+    def trunk(gpt):
+        return gpt if isinstance(gpt, GPT) else GPT(gpt)
+
+    task = meta.get("task")
+    if task == "lm":
+        return trunk
+    if task == "classification":
+        try:
+            num_classes, pool = meta["num_classes"], meta["pool"]
+        except KeyError as e:
+            raise UserError(f"{where}: classification checkpoint without {e}") from e
+        return lambda gpt: GPTClassifier(trunk(gpt), num_classes, pool)
+    raise UserError(f"{where}: unknown task {task!r}")
+
+
+def _load_adapter_model(directory: Path, dropout: float) -> tuple[torch.nn.Module, dict]:
+    """Base model (by name, or re-made from its seed when it was a random init) + adapter."""
+    from finetune import build_model
+    from finetune.lora import wrap_layers
+
+    where = directory / ADAPTER_CONFIG
+    meta = read_config(directory, ADAPTER_CONFIG)
+    try:
+        base, adapter = meta["base"], meta["adapter"]
+        expected = _gpt_config(meta, where)
+        torch.manual_seed(base["seed"])  # a random-init base is re-made exactly as the run made it
+        gpt = build_model(base["name"], base["init"], dropout)
+    except KeyError as e:
+        raise UserError(f"{where}: missing entry {e}") from e
+    if replace(gpt.config, dropout=0.0) != replace(expected, dropout=0.0):
+        raise UserError(f"{where}: the adapter was trained on a base of shape {expected.to_dict()}, "
+                        f"but '{base['name']}' has shape {gpt.config.to_dict()}")
+    model = _builder(meta, where)(gpt)
+    wrap_layers(model, adapter["layers"], adapter["rank"], adapter["alpha"], adapter["dropout"])
+    stored = tensor_names(directory / ADAPTER_FILE)
+    for name, p in model.named_parameters():  # as in training: adapters and the modules trained beside them
+        p.requires_grad = "lora_" in name or name in stored
+    load_weights(model, directory)
+    return model, meta
+
+
+def tensor_names(path: Path) -> set[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except Exception as e:  # safetensors reports corruption with its own error types
+        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
 
 
 # -- training state -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from finetune.errors import UserError
@@ -82,6 +83,24 @@ def _classify(args: argparse.Namespace) -> None:
         print(f"{label}\t{prob:.4f}\t{text}")
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from finetune.checkpoint import load_model, model_files, write_directory
+    from finetune.lora import lora_layers, merged_model
+    from finetune.trainer import Trainer
+
+    source, out = Trainer.resolve(Path(args.run_dir)), Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new directory for the merged checkpoint")
+    model, meta = load_model(source)
+    if not lora_layers(model):
+        raise UserError(f"{source}: no LoRA adapter to merge (it is already a plain checkpoint)")
+    kept = {k: v for k, v in meta.items() if k in ("labels", "max_length", "base")}
+    write_directory(out, model_files(merged_model(model), kept))
+    print(f"merged {source} into {out} (model.safetensors + config.json)")
+
+
 def _recipes(args: argparse.Namespace) -> None:
     from recipes import presets
 
@@ -127,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--text", action="append", required=True, help="a message to classify (repeatable)")
     cls.set_defaults(func=_classify)
 
+    merge = commands.add_parser("merge", help="fold a LoRA run's adapter into its base: a plain checkpoint")
+    merge.add_argument("run_dir", help="run directory or adapter checkpoint directory")
+    merge.add_argument("out_dir", help="new directory for model.safetensors + config.json")
+    merge.set_defaults(func=_merge)
+
     rec = commands.add_parser("recipes", help="list recipes and their preset configs")
     rec.set_defaults(func=_recipes)
     return parser
@@ -147,4 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0

@@ -62,8 +62,18 @@ class TrainSection(Section):
 
 
 class FinetuneSection(Section):
-    trainable: Literal["all", "last_block", "last_n_blocks", "head"] = "all"
+    trainable: Literal["all", "last_block", "last_n_blocks", "head", "lora"] = "all"
     n_blocks: int = Field(1, ge=1, description="blocks trained with trainable=last_n_blocks")
+
+
+class LoraSection(Section):
+    """Used when finetune.trainable=lora; target names are listed in finetune/lora.py."""
+
+    rank: int = Field(8, ge=1)
+    alpha: Float = Field(16.0, gt=0.0)
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"], min_length=1)
+    train_modules: list[str] = Field([], description="modules trained fully beside the adapters, e.g. [head]")
 
 
 class RunConfig(Section):
@@ -76,6 +86,7 @@ class RunConfig(Section):
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
     finetune: FinetuneSection = FinetuneSection()
+    lora: LoraSection = LoraSection()
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

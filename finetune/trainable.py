@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from finetune.config import RunConfig
 from finetune.errors import UserError
+from finetune.lora import apply_lora, unfreeze_modules
 from finetune.model import GPT
+
+
+def configure_trainable(model: nn.Module, config: RunConfig) -> nn.Module:
+    """Freeze or adapt `model` as `finetune.trainable` (and `lora.*`) say; the one entry point for recipes."""
+    if config.finetune.trainable == "lora":
+        lora = config.lora
+        apply_lora(model, lora.rank, lora.alpha, lora.targets, lora.dropout)
+        unfreeze_modules(model, lora.train_modules)
+    else:
+        mark_trainable(model, config.finetune.trainable, config.finetune.n_blocks)
+    return model
 
 
 def mark_trainable(model: nn.Module, trainable: str, n_blocks: int = 1) -> None:

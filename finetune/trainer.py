@@ -75,6 +75,12 @@ class FitResult:
 
 
 def make_accelerator(train: TrainSection) -> Accelerator:
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState().num_processes == 1:
+        # accelerate keeps one state per process; a second run in the same process (a notebook, the
+        # tests) may ask for another precision. Launched multi-process runs keep theirs.
+        AcceleratorState._reset_state()
     try:
         return Accelerator(mixed_precision=train.mixed_precision)
     except ValueError as e:  # e.g. fp16 without a GPU
@@ -111,7 +117,8 @@ class Trainer:
         trainable, total = parameter_counts(model)
         if trainable == 0:
             raise UserError("no parameter is trainable; check finetune.trainable")
-        self._print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+        if accelerator.is_main_process:  # shown even with --quiet: the one thing every run should state
+            tqdm.write(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)", file=sys.stderr)
         self.optimizer = _adamw(model, self.train_cfg)
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         eval_bs = self.train_cfg.eval_batch_size or self.train_cfg.batch_size
@@ -268,15 +275,9 @@ class Trainer:
 
     def _prepare_output_dir(self) -> None:
         """Refuse to overwrite another run unless asked to; never delete anything on resume."""
+        check_output_dir(self.config)
         config_file = self.out / "config.yaml"
-        if config_file.exists() and not (self.config.resume or self.config.overwrite):
-            raise UserError(
-                f"{self.out} holds a previous run; pass resume=true to continue it, overwrite=true to replace it, "
-                "or choose another output_dir"
-            )
-        saved = self.config.model_copy(update={"resume": False, "overwrite": False}).to_yaml()
-        if self.config.resume and config_file.exists() and config_file.read_text() != saved:
-            raise UserError(f"{config_file}: resume=true needs the same config as the run it continues")
+        saved = _saved_config(self.config)
         if self.accelerator.is_main_process:
             if self.config.overwrite:
                 for name in (CHECKPOINTS, BEST, "metrics.jsonl", "metrics.csv"):
@@ -285,6 +286,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text_atomic(config_file, saved)
         self.accelerator.wait_for_everyone()
+
+    @staticmethod
+    def resolve(path: Path) -> Path:
+        """A checkpoint directory as given, or the kept checkpoint of a run directory."""
+        path = Path(path)
+        return Trainer.kept_checkpoint(path) if (path / "config.yaml").is_file() else path
 
     @staticmethod
     def kept_checkpoint(out: Path) -> Path:
@@ -312,6 +319,25 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process and not self.quiet:
             tqdm.write(message, file=sys.stderr)
+
+
+def check_output_dir(config: RunConfig) -> None:
+    """Fail before any expensive work if output_dir holds another run (or a different one on resume)."""
+    out = Path(config.output_dir)
+    config_file = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file; choose a directory")
+    if config_file.exists() and not (config.resume or config.overwrite):
+        raise UserError(
+            f"{out} holds a previous run; pass resume=true to continue it, overwrite=true to replace it, "
+            "or choose another output_dir"
+        )
+    if config.resume and config_file.exists() and config_file.read_text() != _saved_config(config):
+        raise UserError(f"{config_file}: resume=true needs the same config as the run it continues")
+
+
+def _saved_config(config: RunConfig) -> str:
+    return config.model_copy(update={"resume": False, "overwrite": False}).to_yaml()
 
 
 def eval_loader(dataset: Dataset, batch_size: int, collate: Callable[[list], dict]) -> DataLoader:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoint import FORMAT, assemble, read_config, read_tensors
+from finetune.checkpoint import ADAPTER_CONFIG, FORMAT, assemble, load_model, read_config, read_tensors
 from finetune.errors import UserError
 from finetune.model import GPT, PRESETS, GPTConfig
 
@@ -81,13 +81,10 @@ def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None
             return _load_book(path, config, dropout)
         raise UserError(f"{path}: expected a checkpoint directory (config.json + model.safetensors) or a book .pth file")
     config_file = path / "config.json"
+    if (path / ADAPTER_CONFIG).exists() or read_config(path).get("format") == FORMAT:
+        return _load_finetune_checkpoint(path, dropout)
     raw = read_config(path)
     weights = _weights_file(path)
-    if raw.get("format") == FORMAT:
-        if raw.get("task") != "lm":
-            raise UserError(f"{path}: a {raw.get('task')} checkpoint, not a language model; use `finetune classify`")
-        config = config or _finetune_config(raw, config_file)
-        return _assemble(replace(config, dropout=dropout), _read_tensors(weights), weights)
     config = config or _hf_config(raw, config_file)
     return _assemble(replace(config, dropout=dropout), _from_hf(_read_tensors(weights)), weights)
 
@@ -158,13 +155,9 @@ def _hf_config(raw: dict, where: Path) -> GPTConfig:
         raise UserError(f"{where}: bad GPT-2 config ({e})") from e
 
 
-def _finetune_config(raw: dict, where: Path) -> GPTConfig:
-    if not isinstance(raw.get("model"), dict):
-        raise UserError(f"{where}: missing the 'model' section")
-    try:
-        return GPTConfig.from_dict(raw["model"])
-    except (TypeError, UserError) as e:
-        raise UserError(f"{where}: {e}") from e
+def _load_finetune_checkpoint(path: Path, dropout: float):
+    """A model saved by finetune: a GPT, or the classifier a recipe trained (adapter merged in or not)."""
+    return load_model(path, dropout=dropout)[0]
 
 
 def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -28,8 +28,8 @@ from finetune.classifier import GPTClassifier
 from finetune.config import Float, FinetuneSection, ModelSection, RunConfig, Section, load_config
 from finetune.errors import UserError
 from finetune.tokenizer import EOT_ID, get_tokenizer
-from finetune.trainable import mark_trainable
-from finetune.trainer import Trainer, eval_loader, make_accelerator
+from finetune.trainable import configure_trainable
+from finetune.trainer import Trainer, check_output_dir, eval_loader, make_accelerator
 
 DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data" / "sms-spam-collection" / "SMSSpamCollection"
@@ -210,11 +210,16 @@ def prepare_data(config: SpamConfig, context_length: int) -> tuple[dict[str, Enc
 def build_classifier(config: SpamConfig) -> GPTClassifier:
     gpt = build_model(config.model.name, config.model.init, config.model.dropout)
     model = GPTClassifier(gpt, num_classes=len(LABELS), pool=config.model.pool)
-    mark_trainable(model, config.finetune.trainable, config.finetune.n_blocks)
-    return model
+    return configure_trainable(model, config)
+
+
+def base_spec(config: SpamConfig) -> dict:
+    """How to rebuild the base model under an adapter: its name, or (random init) the seed that made it."""
+    return {"name": config.model.name, "init": config.model.init, "seed": config.train.seed}
 
 
 def run(config: SpamConfig, quiet: bool = False) -> dict:
+    check_output_dir(config)
     accelerator = make_accelerator(config.train)
     torch.manual_seed(config.train.seed)
     model = build_classifier(config)
@@ -222,7 +227,7 @@ def run(config: SpamConfig, quiet: bool = False) -> dict:
     pad_to = max_length if config.model.pool == "last_position" else None
     trainer = Trainer(
         config, accelerator, model, SpamTask(), data["train"], data["val"], Collate(pad_to),
-        meta={"labels": list(LABELS), "max_length": max_length}, quiet=quiet,
+        meta={"labels": list(LABELS), "max_length": max_length, "base": base_spec(config)}, quiet=quiet,
     )
     fit = trainer.fit()
     return report(Path(config.output_dir), config, accelerator, fit.history, quiet)
@@ -291,9 +296,7 @@ def summary_table(metrics: dict) -> str:
 
 def classify(directory: Path, texts: list[str]) -> list[tuple[str, float]]:
     """(label, probability) for each text, from a run directory or a checkpoint directory."""
-    directory = Path(directory)
-    if (directory / "config.yaml").exists():
-        directory = Trainer.kept_checkpoint(directory)
+    directory = Trainer.resolve(directory)
     model, meta = load_model(directory)
     if meta.get("task") != "classification":
         raise UserError(f"{directory}: a {meta.get('task')} checkpoint, not a classifier")

@@ -21,7 +21,8 @@ def data(tmp_path):
 
 
 def weights(directory):
-    return load_file(directory / "model.safetensors")
+    adapter = directory / "adapter.safetensors"
+    return load_file(adapter if adapter.exists() else directory / "model.safetensors")
 
 
 def test_bundled_data_has_every_row():
@@ -66,8 +67,10 @@ def test_run_writes_metrics_plots_and_eval_reproduces_them(tmp_path, data, capsy
     assert "resume=true" in one_line_error(capsys, *tiny_spam_args(data, out))  # never overwrite a run silently
 
 
-def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, data, capsys, monkeypatch):
-    extra = ("model.dropout=0.1", "train.checkpoint_every=3", "train.keep_last=2")  # dropout: RNG state matters
+@pytest.mark.parametrize("method", [(), ("finetune.trainable=lora", "lora.rank=4", "lora.train_modules=[head]",
+                                     "lora.dropout=0.1")], ids=["full", "lora"])
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, data, capsys, monkeypatch, method):
+    extra = ("model.dropout=0.1", "train.checkpoint_every=3", "train.keep_last=2", *method)  # dropout: RNG matters
     code, _, err = cli(capsys, *tiny_spam_args(data, tmp_path / "full", *extra))
     assert code == 0, err
 
@@ -91,6 +94,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, data,
 
     for kept in ("best", "checkpoints/step-0000014"):
         full, cut = weights(tmp_path / "full" / kept), weights(tmp_path / "cut" / kept)
+        assert bool(method) == ("gpt.blocks.0.attn.qkv.lora_A" in full)
         assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full), kept
     full_metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text()) == full_metrics
