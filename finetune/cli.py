@@ -11,6 +11,13 @@ from finetune.errors import UserError
 EXIT_USAGE = 2
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + message
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
@@ -101,6 +108,95 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged {source} into {out} (model.safetensors + config.json)")
 
 
+def _respond(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from finetune.checkpoint import load_model
+    from finetune.config import load_config
+    from finetune.trainer import Trainer
+    from recipes.instruct import InstructConfig, data_path, read_records, split_records, write_responses
+
+    run_dir = Path(args.run_dir)
+    config = load_config(InstructConfig, run_dir / "config.yaml") if _run_recipe(run_dir) == "instruct" else None
+    if config is None:
+        raise UserError(f"{run_dir}: not an instruct run")
+    if args.max_new_tokens:
+        config.generation.max_new_tokens = args.max_new_tokens
+    if args.data:
+        records, out = read_records(Path(args.data), config.data), run_dir / f"responses-{Path(args.data).stem}.jsonl"
+    else:
+        records, out = split_records(read_records(data_path(config.data), config.data), config.data)["test"], run_dir / "responses.jsonl"
+    out = Path(args.out) if args.out else out
+    model, _ = load_model(Trainer.kept_checkpoint(run_dir))
+    write_responses(model, records, config, out, quiet=False)
+    print(f"{len(records)} responses written to {out}")
+
+
+def _score(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from evals.generation import read_responses, reference_metrics
+    from evals.judge import JudgeClient, judge_all
+    from finetune.checkpoint import write_text_atomic
+    from finetune.progress import progress
+    from recipes.instruct import Record, format_prompt
+
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise UserError("--judge-url and --judge-model go together")
+    path = Path(args.responses)
+    rows = read_responses(path)
+    reference = reference_metrics([r["response"] for r in rows], [r["output"] for r in rows])
+    summary = {k: v for k, v in reference.items() if k != "per_example"}
+    per_example = [dict(r) for r in reference["per_example"]]
+    if args.judge_url:
+        client = JudgeClient(args.judge_url, args.judge_model, timeout=args.timeout, retries=args.retries)
+        items = [{"prompt": format_prompt(Record(r["instruction"], r.get("input", ""), r["output"])).rstrip(),
+                  "reference": r["output"], "response": r["response"]} for r in rows]
+        judged, records = judge_all(client, items, lambda it: progress(it, "judging"))
+        summary.update(judged)
+        for example, record in zip(per_example, records):
+            example.update(judge_score=record["score"], judge_error=record["error"])
+        write_text_atomic(path.with_suffix(".judge.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(path.with_suffix(".scores.json"), json.dumps({**summary, "per_example": per_example}, indent=2))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"n={summary['n']}  ROUGE-L={summary['rouge_l']:.4f}  exact match={summary['exact_match']:.2%}")
+        if args.judge_url:
+            mean = "n/a" if summary["judge_mean"] is None else f"{summary['judge_mean']:.1f}"
+            print(f"judge {args.judge_model}: mean {mean} over {summary['judge_scored']} scored, {summary['judge_failed']} failed")
+        print(f"details in {path.with_suffix('.scores.json')}")
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from finetune.checkpoint import load_model
+    from finetune.config import load_config
+    from finetune.trainer import Trainer
+    from recipes.instruct import InstructConfig, Record, respond
+
+    run_dir = Path(args.run_dir)
+    if _run_recipe(run_dir) != "instruct":
+        raise UserError(f"{run_dir}: not an instruct run")
+    config = load_config(InstructConfig, run_dir / "config.yaml")
+    model, _ = load_model(Trainer.kept_checkpoint(run_dir))
+    print("Type an instruction (optionally 'instruction || input'); an empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        instruction, _, extra = line.partition("||")
+        try:
+            print(respond(model, [Record(instruction.strip(), extra.strip(), "")], config)[0])
+        except UserError as e:  # a too-long prompt ends this turn, not the session
+            print(f"finetune: error: {e}", file=sys.stderr)
+
+
 def _recipes(args: argparse.Namespace) -> None:
     from recipes import presets
 
@@ -116,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="gpt2", help="preset, hub id, checkpoint directory or book .pth")
     gen.add_argument("--init", choices=["pretrained", "random"], default="pretrained")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=50)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=50)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
@@ -150,6 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("run_dir", help="run directory or adapter checkpoint directory")
     merge.add_argument("out_dir", help="new directory for model.safetensors + config.json")
     merge.set_defaults(func=_merge)
+
+    res = commands.add_parser("respond", help="write an instruct run's responses (test split, or --data FILE)")
+    res.add_argument("run_dir")
+    res.add_argument("--data", help="JSON/JSONL instruction records to respond to (default: the run's test split)")
+    res.add_argument("--out", help="output JSONL (default: RUN_DIR/responses.jsonl or responses-<data>.jsonl)")
+    res.add_argument("--max-new-tokens", type=_positive_int)
+    res.set_defaults(func=_respond)
+
+    score = commands.add_parser("score", help="score a responses.jsonl: ROUGE-L, exact match, optional LLM judge")
+    score.add_argument("responses")
+    score.add_argument("--judge-url", help="Ollama /api/chat or OpenAI-compatible /v1/chat/completions endpoint")
+    score.add_argument("--judge-model", help="model name at that endpoint, e.g. llama3")
+    score.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request")
+    score.add_argument("--retries", type=int, default=2, help="retries after a timeout or server error")
+    score.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    score.set_defaults(func=_score)
+
+    chat = commands.add_parser("chat", help="talk to an instruct run, one instruction per line")
+    chat.add_argument("run_dir")
+    chat.set_defaults(func=_chat)
 
     rec = commands.add_parser("recipes", help="list recipes and their preset configs")
     rec.set_defaults(func=_recipes)

@@ -54,6 +54,7 @@ class TrainSection(Section):
     seed: int = 123
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps; 0 = at epoch ends only")
+    eval_at_start: bool = Field(False, description="evaluate the untrained model first (step 0)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps; 0 = epoch ends")
     keep_last: int = Field(1, ge=1, description="resumable checkpoints kept")
     best_metric: str = Field("loss", description="validation metric that picks the kept model")

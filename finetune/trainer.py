@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from finetune import checkpoint
 from finetune.config import RunConfig, TrainSection
 from finetune.errors import UserError
+from finetune.progress import progress
 from finetune.trainable import parameter_counts
 
 CHECKPOINTS = "checkpoints"
@@ -136,13 +137,10 @@ class Trainer:
         set_seed(cfg.seed + self.accelerator.process_index)
         if self.config.resume:
             self._resume()
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.state.step,
-            desc="training",
-            disable=self.quiet or not self.accelerator.is_main_process or not sys.stderr.isatty(),
-            dynamic_ncols=True,
-        )
+        bar = progress(None, "training", quiet=self.quiet or not self.accelerator.is_main_process,
+                       total=self.total_steps, initial=self.state.step)
+        if cfg.eval_at_start and self.state.step == 0 and self.state.last_eval_step is None:
+            self._evaluate(bar)
         while self.state.epoch < cfg.epochs and not self.state.stopped_early:
             batches = iter(self._train_loader(self.state.epoch, self.state.batches_in_epoch))
             while micro := list(islice(batches, cfg.grad_accum_steps)):

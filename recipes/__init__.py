@@ -12,7 +12,7 @@ import yaml
 from finetune.config import RunConfig, load_config
 from finetune.errors import UserError
 
-RECIPES = {"spam": "recipes.spam"}
+RECIPES = {"spam": "recipes.spam", "instruct": "recipes.instruct"}
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 

@@ -1,0 +1,66 @@
+"""Reference metrics for generated responses: ROUGE-L (Google's rouge-score) and exact match."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from rouge_score import rouge_scorer
+
+from finetune.errors import UserError
+
+ROUGE_TYPE = "rougeL"
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F-measure per pair, as `rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)`."""
+    scorer = rouge_scorer.RougeScorer([ROUGE_TYPE], use_stemmer=True)
+    return [scorer.score(reference, prediction)[ROUGE_TYPE].fmeasure for prediction, reference in zip(predictions, references)]
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".")
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """1.0 where the response equals the reference after lower-casing, collapsing whitespace and a final period."""
+    return [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references)]
+
+
+def reference_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """Averages and per-example scores."""
+    rouge, exact = rouge_l(predictions, references), exact_match(predictions, references)
+    n = len(predictions)
+    return {
+        "n": n,
+        "rouge_l": sum(rouge) / n if n else 0.0,
+        "exact_match": sum(exact) / n if n else 0.0,
+        "per_example": [{"rouge_l": r, "exact_match": e} for r, e in zip(rouge, exact)],
+    }
+
+
+def read_responses(path: Path) -> list[dict]:
+    """Rows of a responses.jsonl: `instruction`, `input`, `output` (reference) and `response`."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read responses ({e})") from e
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}:{e.colno}: malformed JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object")
+        for key in ("instruction", "output", "response"):
+            if not isinstance(row.get(key), str):
+                raise UserError(f"{path}:{number}: missing string field '{key}'")
+        rows.append({"input": "", **row})
+    if not rows:
+        raise UserError(f"{path}: no responses")
+    return rows

@@ -1,0 +1,361 @@
+"""Instruction tuning, Alpaca style (the book's chapter 7).
+
+config -> data (instruction/input/output records, the Alpaca prompt template, 85/10/5 train/test/val
+in file order as the book) -> model (GPT-2, full, last blocks or LoRA) -> train (next-token loss on
+the response and one end-of-text token; optionally not on the prompt) -> evaluate (loss and
+perplexity, then responses to the test split, scored against the references).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from pydantic import Field, model_validator
+from tqdm.auto import tqdm
+
+from evals.generation import reference_metrics
+from evals.plots import plot_curves
+from finetune import build_model
+from finetune.checkpoint import load_model, write_text_atomic
+from finetune.config import Float, ModelSection, RunConfig, Section, load_config
+from finetune.errors import UserError
+from finetune.generate import generate
+from finetune.progress import progress
+from finetune.tokenizer import EOT_ID, get_tokenizer
+from finetune.trainable import configure_trainable
+from finetune.trainer import Trainer, check_output_dir, eval_loader, make_accelerator
+
+DATA_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data" / "instruction-data" / "instruction-data.json"
+BUNDLED_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+IGNORE = -100  # targets the loss skips (F.cross_entropy's ignore_index)
+PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+SPLITS = ("train", "val", "test")
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+class InstructData(Section):
+    path: str | None = Field(None, description="JSON list or JSONL file; null = the bundled 1,100 instructions")
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    train_fraction: Float = Field(0.85, gt=0.0, lt=1.0)
+    test_fraction: Float = Field(0.10, gt=0.0, lt=1.0)  # validation gets the rest, as in the book
+    max_length: int | None = Field(None, ge=2, description="tokens per example; null = the model's context")
+    mask_prompt: bool = Field(False, description="train on the response only, not on the instruction")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "InstructData":
+        if self.train_fraction + self.test_fraction >= 1.0:
+            raise ValueError("train_fraction + test_fraction must leave some validation data (sum < 1)")
+        return self
+
+
+class GenerationSection(Section):
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: Float = Field(0.0, ge=0.0, description="0 = greedy")
+    top_k: int | None = Field(None, ge=1)
+    top_p: Float | None = Field(None, gt=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1)
+
+
+class InstructConfig(RunConfig):
+    recipe: Literal["instruct"] = "instruct"
+    output_dir: str = "runs/instruct"
+    model: ModelSection = ModelSection(name="gpt2-medium")
+    data: InstructData = InstructData()
+    generation: GenerationSection = GenerationSection()
+
+
+Config = InstructConfig
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    output: str
+
+
+def format_prompt(record: Record) -> str:
+    """The Alpaca template up to the response (the book's `format_input` + the response header)."""
+    text = f"{PREAMBLE}\n\n### Instruction:\n{record.instruction}"
+    if record.input:
+        text += f"\n\n### Input:\n{record.input}"
+    return text + "\n\n### Response:\n"
+
+
+def read_records(path: Path, fields: InstructData) -> list[Record]:
+    """Records from a JSON list or a JSONL file, field names mapped as configured."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read data file ({e.strerror}); set data.path to a JSON or JSONL file") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text; convert the file to UTF-8") from e
+    if not text.strip():
+        raise UserError(f"{path}: empty file; expected a JSON list of instruction records")
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{number}:{e.colno}: malformed JSON ({e.msg})") from e
+    else:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from e
+        if not isinstance(document, list):
+            raise UserError(f"{path}: expected a JSON list of records, got {type(document).__name__}")
+        rows = [(f"{path}: record {i}", row) for i, row in enumerate(document, start=1)]
+    if not rows:
+        raise UserError(f"{path}: no records")
+    return [_record(where, row, fields) for where, row in rows]
+
+
+def _record(where: str, row: object, fields: InstructData) -> Record:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with '{fields.instruction_field}' and '{fields.output_field}'")
+    values = {}
+    for key, name, required in ((fields.instruction_field, "instruction", True), (fields.input_field, "input", False),
+                                (fields.output_field, "output", True)):
+        value = row.get(key, None if required else "")
+        if value is None and required:
+            raise UserError(f"{where}: missing '{key}' (set data.{name}_field if your file names it differently)")
+        if not isinstance(value, str):
+            raise UserError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+        values[name] = value
+    if not values["instruction"].strip():
+        raise UserError(f"{where}: empty '{fields.instruction_field}'")
+    return Record(**values)
+
+
+def data_path(config: InstructData) -> Path:
+    if config.path is not None:
+        return Path(config.path)
+    if hashlib.sha256(BUNDLED_DATA.read_bytes()).hexdigest() != BUNDLED_SHA256:
+        raise UserError(f"{BUNDLED_DATA}: checksum mismatch; restore it from {DATA_URL}")
+    return BUNDLED_DATA
+
+
+def split_records(records: list[Record], config: InstructData) -> dict[str, list[Record]]:
+    """Train, then test, then validation, in file order (the book's split)."""
+    n_train = int(len(records) * config.train_fraction)
+    n_test = int(len(records) * config.test_fraction)
+    splits = {"train": records[:n_train], "test": records[n_train : n_train + n_test], "val": records[n_train + n_test :]}
+    for name, split in splits.items():
+        if not split:
+            raise UserError(f"{len(records)} records leave the {name} split empty; add data or change data.*_fraction")
+    return splits
+
+
+@dataclass
+class Example:
+    ids: list[int]  # prompt + response tokens (no end-of-text yet)
+    prompt_length: int
+
+
+class Encoded(list):
+    """Examples of one split: (prompt + response ids, prompt length)."""
+
+
+def encode(records: list[Record]) -> Encoded:
+    tokenizer = get_tokenizer()
+    examples = Encoded()
+    for record in records:
+        prompt = tokenizer.encode_ordinary(format_prompt(record))
+        examples.append(Example(prompt + tokenizer.encode_ordinary(record.output), len(prompt)))
+    return examples
+
+
+class Collate:
+    """Right-pads with <|endoftext|>; targets are the inputs shifted by one.
+
+    The first end-of-text is a target (the model learns to stop); later padding targets are -100,
+    as are the prompt's targets with `mask_prompt`. Sequences are cut to `max_length`.
+    """
+
+    def __init__(self, max_length: int | None = None, mask_prompt: bool = False) -> None:
+        self.max_length, self.mask_prompt = max_length, mask_prompt
+
+    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        width = max(len(e.ids) for e in batch) + 1  # room for one end-of-text
+        inputs, targets = [], []
+        for e in batch:
+            padded = e.ids + [EOT_ID] * (width - len(e.ids))
+            target = padded[1:]
+            target[len(e.ids) :] = [IGNORE] * (len(target) - len(e.ids))  # keeps target[len-1] = EOT
+            if self.mask_prompt:
+                target[: e.prompt_length - 1] = [IGNORE] * (e.prompt_length - 1)
+            inputs.append(padded[:-1][: self.max_length])
+            targets.append(target[: self.max_length])
+        return {"input_ids": torch.tensor(inputs), "targets": torch.tensor(targets)}
+
+
+def trained_tokens(examples: Encoded, collate: Collate) -> tuple[int, int]:
+    """(target tokens trained on, target positions masked) over a split."""
+    trained = total = 0
+    for e in examples:
+        t = collate([e])["targets"]
+        trained += int((t != IGNORE).sum())
+        total += t.numel()
+    return trained, total - trained
+
+
+# -- task ---------------------------------------------------------------------------------------
+
+
+class InstructTask:
+    """Next-token cross-entropy summed over the unmasked targets; loss and perplexity per split."""
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        logits = model(batch["input_ids"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
+
+    def count(self, batch: dict) -> int:
+        return int((batch["targets"] != IGNORE).sum())
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, accelerator: Accelerator) -> dict:
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        for batch in loader:
+            logits = model(batch["input_ids"]).float()
+            loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
+            total += torch.stack([loss.double(), (batch["targets"] != IGNORE).sum().double()])
+        # Every process saw its own share of the split (accelerate pads the last one with repeats,
+        # which are few tokens; they are counted, as in most LM evaluations).
+        loss_sum, tokens = accelerator.reduce(total, reduction="sum").tolist()
+        loss = loss_sum / max(tokens, 1)
+        return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "tokens": int(tokens)}
+
+
+# -- the recipe ---------------------------------------------------------------------------------
+
+
+def run(config: InstructConfig, quiet: bool = False) -> dict:
+    check_output_dir(config)
+    accelerator = make_accelerator(config.train)
+    records = read_records(data_path(config.data), config.data)
+    splits = split_records(records, config.data)
+    torch.manual_seed(config.train.seed)
+    model = configure_trainable(build_model(config.model.name, config.model.init, config.model.dropout), config)
+    context = model.config.context_length
+    max_length = min(config.data.max_length or context, context)
+    collate = Collate(max_length, config.data.mask_prompt)
+    data = {name: encode(split) for name, split in splits.items()}
+    trained, masked = trained_tokens(data["train"], collate)
+    if accelerator.is_main_process:
+        tqdm.write(f"training on {trained:,} target tokens ({masked:,} masked: padding"
+                   f"{' and prompts' if config.data.mask_prompt else ''})", file=sys.stderr)
+    sample = splits["val"][0]
+
+    def show_sample(model) -> None:
+        if not quiet:
+            tqdm.write(f"sample response to {sample.instruction!r}: {respond(model, [sample], config)[0]!r}", file=sys.stderr)
+
+    trainer = Trainer(config, accelerator, model, InstructTask(), data["train"], data["val"], collate,
+                      meta={"max_length": max_length, "base": base_spec(config)}, quiet=quiet, on_evaluate=show_sample)
+    fit = trainer.fit()
+    out = Path(config.output_dir)
+    metrics = evaluate_run(out, SPLITS, accelerator)
+    if accelerator.is_main_process:
+        model, _ = load_model(fit.kept)
+        responses = write_responses(model.to(accelerator.device), splits["test"], config, out / "responses.jsonl", quiet)
+        metrics["responses"] = {k: v for k, v in reference_metrics(
+            [r["response"] for r in responses], [r["output"] for r in responses]).items() if k != "per_example"}
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+        write_text_atomic(out / "report.md", report_markdown(config, metrics, responses))
+        plot_curves(fit.history, out / "curves.png")
+        if not quiet:
+            print(summary_table(metrics))
+            print(f"results in {out}/metrics.json, responses.jsonl, report.md, curves.png")
+    return metrics
+
+
+def base_spec(config: InstructConfig) -> dict:
+    return {"name": config.model.name, "init": config.model.init, "seed": config.train.seed}
+
+
+def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | None = None) -> dict:
+    """Loss and perplexity of a run's kept checkpoint on the given splits."""
+    config = load_config(InstructConfig, out / "config.yaml")
+    accelerator = accelerator or make_accelerator(config.train)
+    model, meta = load_model(Trainer.kept_checkpoint(out))
+    records = split_records(read_records(data_path(config.data), config.data), config.data)
+    collate = Collate(meta["max_length"], config.data.mask_prompt)
+    model = accelerator.prepare(model)
+    batch_size = config.train.eval_batch_size or config.train.batch_size
+    return {split: InstructTask().evaluate(model, accelerator.prepare(eval_loader(encode(records[split]), batch_size, collate)),
+                                           accelerator) for split in splits}
+
+
+def respond(model, records: list[Record], config: InstructConfig) -> list[str]:
+    """Responses to records, batched through the KV-cache generator, each stopped at end-of-text."""
+    gen = config.generation
+    tokenizer = get_tokenizer()
+    prompts = [tokenizer.encode_ordinary(format_prompt(r)) for r in records]
+    context = model.config.context_length
+    for record, prompt in zip(records, prompts):
+        if len(prompt) >= context:
+            raise UserError(f"prompt of {len(prompt)} tokens does not fit the context of {context} "
+                            f"(instruction {record.instruction[:40]!r}…); shorten it")
+    budget = min(gen.max_new_tokens, context - max(len(p) for p in prompts))
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(config.train.seed)
+    out = generate(model, prompts, budget, gen.temperature, gen.top_k, gen.top_p, EOT_ID, generator)
+    return [tokenizer.decode([t for t in row[len(p):] if t != EOT_ID]).strip() for row, p in zip(out, prompts)]
+
+
+def write_responses(model, records: list[Record], config: InstructConfig, path: Path, quiet: bool = True) -> list[dict]:
+    size = config.generation.batch_size
+    rows = []
+    batches = range(0, len(records), size)
+    for start in progress(batches, "responding", quiet):
+        batch = records[start : start + size]
+        for record, response in zip(batch, respond(model, batch, config)):
+            rows.append({"instruction": record.instruction, "input": record.input, "output": record.output, "response": response})
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def summary_table(metrics: dict) -> str:
+    rows = [f"{'':<12}{'loss':>8}{'perplexity':>12}"]
+    for split in SPLITS:
+        if split in metrics:
+            rows.append(f"{split:<12}{metrics[split]['loss']:>8.3f}{metrics[split]['perplexity']:>12.2f}")
+    if "responses" in metrics:
+        r = metrics["responses"]
+        rows.append(f"test responses: ROUGE-L {r['rouge_l']:.3f}, exact match {r['exact_match']:.1%} (n={r['n']})")
+    return "\n".join(rows)
+
+
+def report_markdown(config: InstructConfig, metrics: dict, responses: list[dict], shown: int = 5) -> str:
+    lines = [f"# Instruction tuning: {config.model.name} ({config.finetune.trainable})", "",
+             "| split | loss | perplexity |", "| --- | --- | --- |"]
+    lines += [f"| {s} | {metrics[s]['loss']:.4f} | {metrics[s]['perplexity']:.2f} |" for s in SPLITS if s in metrics]
+    r = metrics.get("responses")
+    if r:
+        lines += ["", f"Test responses (n={r['n']}): ROUGE-L {r['rouge_l']:.4f}, exact match {r['exact_match']:.2%}."]
+    lines += ["", "## Sample responses", ""]
+    for row in responses[:shown]:
+        lines += [f"**Instruction:** {row['instruction']}", ""]
+        if row["input"]:
+            lines += [f"**Input:** {row['input']}", ""]
+        lines += [f"**Reference:** {row['output']}", "", f"**Model:** {row['response']}", "", "---", ""]
+    return "\n".join(lines)
