@@ -7,6 +7,7 @@ plus JSON too: resuming never unpickles anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,16 +31,32 @@ ADAPTER_CONFIG = "adapter_config.json"
 # -- writing ------------------------------------------------------------------------------------
 
 
+MANIFEST = "manifest.json"
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files do not match its manifest (truncated, damaged, or half-written)."""
+
+
 def write_directory(directory: Path, files: dict[str, Callable[[Path], None]]) -> None:
-    """Create `directory` holding `files` (name -> writer of that path) atomically, replacing any old one."""
+    """Create `directory` holding `files` (name -> writer of that path) atomically, replacing any old one.
+
+    Everything is written under a temporary name with a manifest of SHA-256 sums, fsync'd, then
+    renamed into place: a reader sees the old directory or the complete new one, never a mix.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    recover(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    manifest = {}
     for name, write in files.items():
         write(tmp / name)
         _fsync(tmp / name)
+        manifest[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _fsync(tmp / MANIFEST)
     _fsync(tmp)
     if directory.exists():
         old = directory.with_name(f".old-{directory.name}")
@@ -50,6 +67,45 @@ def write_directory(directory: Path, files: dict[str, Callable[[Path], None]]) -
     else:
         tmp.rename(directory)
     _fsync(directory.parent)
+
+
+def recover(directory: Path) -> None:
+    """Finish a replacement that was cut between its two renames: bring the old copy back."""
+    directory = Path(directory)
+    old = directory.with_name(f".old-{directory.name}")
+    if old.is_dir() and not directory.exists():
+        old.rename(directory)
+    elif old.is_dir():
+        shutil.rmtree(old)
+
+
+def verify(directory: Path) -> None:
+    """Check every file of a checkpoint against its manifest; raise CorruptCheckpoint naming the first bad one."""
+    directory = Path(directory)
+    recover(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{directory}: no {MANIFEST}; the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(f"{directory / MANIFEST}: unreadable ({e}); the checkpoint is corrupt") from e
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{path}: missing; the checkpoint is incomplete")
+        if path.stat().st_size != expected["bytes"]:
+            raise CorruptCheckpoint(f"{path}: {path.stat().st_size} bytes, expected {expected['bytes']}; "
+                                    "the file was truncated or changed after saving")
+        if _sha256(path) != expected["sha256"]:
+            raise CorruptCheckpoint(f"{path}: checksum mismatch; the file is corrupt or was changed after saving")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -182,10 +238,10 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
 
 
 def load_model(directory: Path, dropout: float = 0.0) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a model saved by finetune (full weights, or base + adapter), and its config.
-
-    `dropout` is a training setting, not part of the checkpoint."""
+    """Rebuild a model saved by finetune (full weights, or base + adapter), and its config, after
+    checking its files against the manifest. `dropout` is a training setting, not part of the checkpoint."""
     directory = Path(directory)
+    verify(directory)
     if (directory / ADAPTER_CONFIG).exists():
         return _load_adapter_model(directory, dropout)
     meta = read_config(directory)

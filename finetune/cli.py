@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from finetune.errors import UserError
 
@@ -272,15 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"finetune: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _one_line_warning
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):
         args.overrides += unknown  # key=value overrides given after an option
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    from finetune.trainer import Interrupted
+
     try:
         args.func(args)
+    except Interrupted as e:
+        print(f"finetune: {e}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         print(f"finetune: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE

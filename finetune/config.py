@@ -60,6 +60,7 @@ class TrainSection(Section):
     best_metric: str = Field("loss", description="validation metric that picks the kept model")
     best_mode: Literal["min", "max"] = "min"
     patience: int | None = Field(None, ge=1, description="stop after N evaluations without improvement")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient stops the run, or skips the batch")
 
 
 class FinetuneSection(Section):

@@ -18,9 +18,11 @@ import csv
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -66,6 +68,7 @@ class TrainState:
     last_eval_step: int | None = None
     stopped_early: bool = False
     finished: bool = False
+    nonfinite_skipped: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient (on_nonfinite=skip)
 
 
 @dataclass
@@ -73,6 +76,16 @@ class FitResult:
     kept: Path  # the checkpoint to evaluate: best/ or the last one
     state: TrainState
     history: list[dict] = field(default_factory=list)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved at a step boundary."""
+
+    def __init__(self, signum: int, step: int, out: Path) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: checkpoint saved in {out / CHECKPOINTS}; "
+                         "continue with the same command plus resume=true")
+        self.exit_code = 128 + signum
 
 
 def make_accelerator(train: TrainSection) -> Accelerator:
@@ -139,6 +152,17 @@ class Trainer:
             self._resume()
         bar = progress(None, "training", quiet=self.quiet or not self.accelerator.is_main_process,
                        total=self.total_steps, initial=self.state.step)
+        with _signals_to_flag() as stop:
+            self._loop(bar, stop)
+        bar.close()
+        self.state.finished = True
+        self.save_checkpoint()
+        if self.state.stopped_early:
+            self._print(f"stopped early at step {self.state.step}: no improvement in {cfg.patience} evaluations")
+        return FitResult(self.kept_checkpoint(self.out), self.state, _read_jsonl(self.out / "metrics.jsonl"))
+
+    def _loop(self, bar, stop: list[int]) -> None:
+        cfg = self.train_cfg
         if cfg.eval_at_start and self.state.step == 0 and self.state.last_eval_step is None:
             self._evaluate(bar)
         while self.state.epoch < cfg.epochs and not self.state.stopped_early:
@@ -148,9 +172,15 @@ class Trainer:
                 loss = self._optimizer_step(micro, lr)
                 self.state.step += 1
                 self.state.batches_in_epoch += len(micro)
-                self._log({"split": "train", "loss": loss, "lr": lr})
+                row = {"split": "train", "loss": loss, "lr": lr}
+                if self.state.nonfinite_skipped:
+                    row["nonfinite_skipped"] = self.state.nonfinite_skipped
+                self._log(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if stop:
+                    self.save_checkpoint()
+                    raise Interrupted(stop[0], self.state.step, self.out)
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0:
                     self._evaluate(bar)
                     if self.state.stopped_early:
@@ -163,12 +193,8 @@ class Trainer:
             if self.state.last_eval_step != self.state.step:
                 self._evaluate(bar)
             self.save_checkpoint()
-        bar.close()
-        self.state.finished = True
-        self.save_checkpoint()
-        if self.state.stopped_early:
-            self._print(f"stopped early at step {self.state.step}: no improvement in {cfg.patience} evaluations")
-        return FitResult(self.kept_checkpoint(self.out), self.state, _read_jsonl(self.out / "metrics.jsonl"))
+            if stop:
+                raise Interrupted(stop[0], self.state.step, self.out)
 
     def _train_loader(self, epoch: int, skip_batches: int) -> DataLoader:
         """This epoch's shuffled order (a function of seed and epoch), minus the batches already done."""
@@ -196,11 +222,23 @@ class Trainer:
                 # DDP averages gradients over processes; scaling by world size makes it a sum.
                 acc.backward(loss * (self.world / total))
             loss_sum += loss.detach().float().item()
-        if self.train_cfg.max_grad_norm is not None:
-            acc.clip_grad_norm_(self.model.parameters(), self.train_cfg.max_grad_norm)
+        loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum").item() / total
+        max_norm = self.train_cfg.max_grad_norm if self.train_cfg.max_grad_norm is not None else float("inf")
+        grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)  # the weights stay as they were
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            where = f"step {self.state.step + 1} (epoch {self.state.epoch + 1}, batch {self.state.batches_in_epoch + 1})"
+            if self.train_cfg.on_nonfinite == "stop":
+                raise UserError(f"non-finite {what} at {where}; the last good checkpoint is kept in "
+                                f"{self.out / CHECKPOINTS}; lower train.lr, set train.max_grad_norm, "
+                                "or set train.on_nonfinite=skip")
+            self.state.nonfinite_skipped += 1
+            self._print(f"skipped {where}: non-finite {what}")
+            return loss
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum").item() / total
+        return loss
 
     def _lr(self) -> float:
         """Learning rate for the step about to be taken: linear warmup, then constant or cosine."""
@@ -256,10 +294,23 @@ class Trainer:
 
     def _resume(self) -> None:
         dirs = checkpoint_dirs(self.out)
-        if not dirs:
+        latest = None
+        for candidate in reversed(dirs):
+            try:
+                checkpoint.verify(candidate)
+            except checkpoint.CorruptCheckpoint as e:
+                self._print(f"warning: skipping a damaged checkpoint: {e}")
+                continue
+            latest = candidate
+            break
+        if latest is None:
+            if dirs:
+                raise UserError(f"{self.out / CHECKPOINTS}: all {len(dirs)} checkpoints are damaged; "
+                                "start again with overwrite=true")
             self._print(f"resume=true: no checkpoint in {self.out / CHECKPOINTS}; starting from the beginning")
+            if self.accelerator.is_main_process:
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
             return
-        latest = dirs[-1]
         checkpoint.load_weights(self.accelerator.unwrap_model(self.model), latest)
         document = checkpoint.load_training_state(latest, self.optimizer)
         self.state = TrainState(**{k: document[k] for k in asdict(TrainState()) if k in document})
@@ -360,9 +411,39 @@ def write_metrics_csv(out: Path) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of metrics.jsonl; a last line cut short by a kill is dropped (it is logged again on resume)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}:{i + 1}: damaged metrics line; delete the line to continue") from None
+    return rows
+
+
+@contextmanager
+def _signals_to_flag():
+    """SIGINT/SIGTERM set a flag that the loop checks at the next step; a second signal acts at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.AdamW:

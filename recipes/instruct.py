@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -126,7 +127,13 @@ def read_records(path: Path, fields: InstructData) -> list[Record]:
         rows = [(f"{path}: record {i}", row) for i, row in enumerate(document, start=1)]
     if not rows:
         raise UserError(f"{path}: no records")
-    return [_record(where, row, fields) for where, row in rows]
+    records = [_record(where, row, fields) for where, row in rows]
+    seen: dict[Record, str] = {}
+    duplicates = [(where, seen[r]) for (where, _), r in zip(rows, records) if seen.setdefault(r, where) != where]
+    if duplicates:
+        warnings.warn(f"{path}: {len(duplicates)} duplicate record(s) kept, e.g. {duplicates[0][0]} repeats "
+                      f"{duplicates[0][1].split(': ', 1)[-1]}", stacklevel=2)
+    return records
 
 
 def _record(where: str, row: object, fields: InstructData) -> Record:

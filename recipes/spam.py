@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -90,9 +91,10 @@ def read_messages(path: Path) -> list[tuple[int, str]]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text; convert the file to UTF-8") from e
-    messages = []
+    messages, blank, first_seen, duplicates = [], [], {}, []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
+            blank.append(number)
             continue
         label, tab, message = line.partition("\t")
         if not tab:
@@ -102,6 +104,15 @@ def read_messages(path: Path) -> list[tuple[int, str]]:
         if not message.strip():
             raise UserError(f"{path}:{number}: empty message after the label")
         messages.append((LABELS.index(label), message))
+        if message in first_seen:
+            duplicates.append((number, first_seen[message]))
+        first_seen.setdefault(message, number)
+    if blank:
+        warnings.warn(f"{path}: skipped {len(blank)} blank line(s), first at line {blank[0]}", stacklevel=2)
+    if duplicates:
+        line, original = duplicates[0]
+        warnings.warn(f"{path}: {len(duplicates)} duplicate message(s) kept, e.g. line {line} repeats line {original}",
+                      stacklevel=2)
     if not messages:
         raise UserError(f"{path}: no messages; expected label<TAB>text lines")
     for index, name in enumerate(LABELS):
@@ -197,9 +208,12 @@ class SpamTask:
 # -- the recipe ---------------------------------------------------------------------------------
 
 
-def prepare_data(config: SpamConfig, context_length: int) -> tuple[dict[str, Encoded], int]:
-    messages = read_messages(data_path(config.data))
-    splits = split_messages(messages, config.data, config.train.seed)
+def prepare_data(config: SpamConfig) -> dict[str, list[tuple[int, str]]]:
+    """Read, check and split the data: cheap, so it runs before the model is built."""
+    return split_messages(read_messages(data_path(config.data)), config.data, config.train.seed)
+
+
+def encode_splits(splits: dict[str, list[tuple[int, str]]], config: SpamConfig, context_length: int) -> tuple[dict[str, Encoded], int]:
     longest = max(len(get_tokenizer().encode_ordinary(text)) for _, text in splits["train"])
     max_length = config.data.max_length or min(longest, context_length)
     if max_length > context_length:
@@ -220,10 +234,11 @@ def base_spec(config: SpamConfig) -> dict:
 
 def run(config: SpamConfig, quiet: bool = False) -> dict:
     check_output_dir(config)
+    splits = prepare_data(config)
     accelerator = make_accelerator(config.train)
     torch.manual_seed(config.train.seed)
     model = build_classifier(config)
-    data, max_length = prepare_data(config, model.gpt.config.context_length)
+    data, max_length = encode_splits(splits, config, model.gpt.config.context_length)
     pad_to = max_length if config.model.pool == "last_position" else None
     trainer = Trainer(
         config, accelerator, model, SpamTask(), data["train"], data["val"], Collate(pad_to),
@@ -236,8 +251,7 @@ def run(config: SpamConfig, quiet: bool = False) -> dict:
 def report(out: Path, config: SpamConfig, accelerator: Accelerator, history: list[dict], quiet: bool) -> dict:
     """Evaluate the kept model on every split beside the baseline; write metrics.json and plots."""
     metrics = evaluate_run(out, SPLITS, accelerator)
-    splits = split_messages(read_messages(data_path(config.data)), config.data, config.train.seed)
-    metrics["baseline"] = tfidf_baseline(splits)
+    metrics["baseline"] = tfidf_baseline(prepare_data(config))
     if accelerator.is_main_process:
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
         plot_curves(history, out / "curves.png", metric="accuracy")
@@ -253,7 +267,7 @@ def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | 
     config = load_config(SpamConfig, out / "config.yaml")
     accelerator = accelerator or make_accelerator(config.train)
     model, meta = load_model(Trainer.kept_checkpoint(out))
-    raw = split_messages(read_messages(data_path(config.data)), config.data, config.train.seed)
+    raw = prepare_data(config)
     data = {split: encode(raw[split], meta["max_length"]) for split in splits}
     pad_to = meta["max_length"] if meta["pool"] == "last_position" else None
     model = accelerator.prepare(model)

@@ -16,7 +16,7 @@ from finetune.errors import UserError
 from finetune.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, unmerge_lora
 from finetune.trainable import parameter_counts
 from finetune.trainer import Trainer, make_accelerator
-from recipes.spam import Collate, SpamConfig, SpamTask, build_classifier, prepare_data
+from recipes.spam import Collate, SpamConfig, SpamTask, build_classifier, encode_splits, prepare_data
 from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
 
 ALL_BLOCK_LINEARS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
@@ -111,7 +111,7 @@ def test_training_changes_only_adapters_and_train_modules_and_reloads_exactly(tm
     torch.manual_seed(config.train.seed)
     model = build_classifier(config)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    data, max_length = prepare_data(config, model.gpt.config.context_length)
+    data, max_length = encode_splits(prepare_data(config), config, model.gpt.config.context_length)
     meta = {"labels": ["ham", "spam"], "max_length": max_length,
             "base": {"name": "gpt2-tiny", "init": "random", "seed": config.train.seed}}
     fit = Trainer(config, accelerator, model, SpamTask(), data["train"], data["val"], Collate(), meta, quiet=True).fit()
@@ -151,7 +151,7 @@ def test_lora_run_eval_merge_and_reload(tmp_path, capsys):
 
     code, _, err = cli(capsys, "merge", str(out), str(tmp_path / "merged"))
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
     adapted, _ = load_model(out / "best")
     merged = load_pretrained(tmp_path / "merged")
     batch = Collate()([(list(range(100, 120)), 0), (list(range(7, 15)), 1)])
@@ -166,10 +166,12 @@ def test_adapter_for_another_base_is_refused(tmp_path, capsys):
     data_file = small_spam_file(tmp_path / "sms.tsv")
     out = tmp_path / "run"
     assert cli(capsys, *tiny_spam_args(data_file, out, "finetune.trainable=lora", "lora.rank=2", "train.epochs=1"))[0] == 0
-    config_file = out / "best" / "adapter_config.json"
-    config = json.loads(config_file.read_text())
+    best = out / "best"
+    config = json.loads((best / "adapter_config.json").read_text())
     config["base"]["name"] = "gpt2"  # a random-init GPT-2 124M: another shape
-    config_file.write_text(json.dumps(config))
+    contents = {p.name: p.read_bytes() for p in best.iterdir() if p.name != "manifest.json"}
+    contents["adapter_config.json"] = json.dumps(config).encode()
+    write_directory(best, {name: (lambda path, data=data: path.write_bytes(data)) for name, data in contents.items()})
     assert "trained on a base of shape" in one_line_error(capsys, "classify", str(out), "--text", "hello")
 
     other = GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny", n_embd=32)), 2)
