@@ -278,7 +278,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.showwarning = _one_line_warning
+    with warnings.catch_warnings():  # restores the caller's warning handling afterwards
+        warnings.simplefilter("default")
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):

@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -299,7 +300,7 @@ class Trainer:
             try:
                 checkpoint.verify(candidate)
             except checkpoint.CorruptCheckpoint as e:
-                self._print(f"warning: skipping a damaged checkpoint: {e}")
+                warnings.warn(f"skipping a damaged checkpoint: {e}", stacklevel=2)
                 continue
             latest = candidate
             break
@@ -344,6 +345,7 @@ class Trainer:
 
     @staticmethod
     def kept_checkpoint(out: Path) -> Path:
+        checkpoint.recover(out / BEST)
         if (out / BEST).is_dir():
             return out / BEST
         dirs = checkpoint_dirs(out)
