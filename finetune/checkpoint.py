@@ -241,12 +241,13 @@ def load_model(directory: Path, dropout: float = 0.0) -> tuple[torch.nn.Module, 
     """Rebuild a model saved by finetune (full weights, or base + adapter), and its config, after
     checking its files against the manifest. `dropout` is a training setting, not part of the checkpoint."""
     directory = Path(directory)
-    verify(directory)
-    if (directory / ADAPTER_CONFIG).exists():
-        return _load_adapter_model(directory, dropout)
-    meta = read_config(directory)
+    adapter = (directory / ADAPTER_CONFIG).exists()
+    meta = read_config(directory, ADAPTER_CONFIG if adapter else CONFIG_FILE)
     if meta.get("format") != FORMAT:
         raise UserError(f"{directory}: not a finetune checkpoint (config.json has no \"format\": \"{FORMAT}\")")
+    verify(directory)
+    if adapter:
+        return _load_adapter_model(directory, dropout)
     build = _builder(meta, directory / CONFIG_FILE)
     config = replace(_gpt_config(meta, directory / CONFIG_FILE), dropout=dropout)
     return assemble(lambda: build(config), read_tensors(directory / MODEL_FILE), directory / MODEL_FILE), meta

@@ -286,11 +286,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):
-        args.overrides += unknown  # key=value overrides given after an option
-    elif unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and hasattr(args, "overrides") and not any(u.startswith("-") for u in unknown):
+            args.overrides += unknown  # key=value overrides given after an option; checked with the config
+        elif unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as e:  # argparse has printed its one line (or --help); return, do not raise
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     from finetune.trainer import Interrupted
 
     try:

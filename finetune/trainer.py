@@ -315,8 +315,6 @@ class Trainer:
         checkpoint.load_weights(self.accelerator.unwrap_model(self.model), latest)
         document = checkpoint.load_training_state(latest, self.optimizer)
         self.state = TrainState(**{k: document[k] for k in asdict(TrainState()) if k in document})
-        if self.state.finished:
-            raise UserError(f"{self.out}: this run already finished; use another output_dir, or overwrite=true to start again")
         self._print(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch + 1})")
         # Rows logged after that checkpoint belong to lost work; they are logged again.
         rows = [r for r in _read_jsonl(self.out / "metrics.jsonl") if r["step"] <= self.state.step]
@@ -385,6 +383,16 @@ def check_output_dir(config: RunConfig) -> None:
         )
     if config.resume and config_file.exists() and config_file.read_text() != _saved_config(config):
         raise UserError(f"{config_file}: resume=true needs the same config as the run it continues")
+    dirs = checkpoint_dirs(out)
+    if config.resume and dirs and _finished(dirs[-1]):
+        raise UserError(f"{out}: this run already finished; use another output_dir, or overwrite=true to start again")
+
+
+def _finished(directory: Path) -> bool:
+    try:
+        return bool(json.loads((directory / checkpoint.STATE_JSON).read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False  # damaged: resume decides what to do with it
 
 
 def _saved_config(config: RunConfig) -> str:

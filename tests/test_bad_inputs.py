@@ -1,0 +1,139 @@
+"""Every kind of bad input ends in one line naming the culprit, exit status 2, and no lost work.
+
+Each case runs against the output directory of a previous good run (with overwrite=true where a
+run is asked for, the case where losing work would hurt most) and checks that not one of its files
+changed.
+"""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    from finetune.cli import main
+
+    root = tmp_path_factory.mktemp("good")
+    data = small_spam_file(root / "sms.tsv")
+    out = root / "run"
+    assert main(tiny_spam_args(data, out, "train.epochs=1")) == 0
+    return out, data
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Bad files of every kind, by name."""
+    root = tmp_path_factory.mktemp("bad")
+    contents = {
+        "notab.tsv": "ham\tfine\nspam no tab\n",
+        "label.tsv": "ham\tfine\nham\tok\nSPAM\tshouting\n",
+        "empty.tsv": "",
+        "nomessage.tsv": "ham\thello\nspam\t   \n",
+        "onespam.tsv": "ham\ta\nham\tb\nham\tc\nspam\td\n",
+        "malformed.json": '[{"instruction": "a", "output": "b"},\n {"instruction": "c", output: "d"}]',
+        "noinstruction.json": '[{"input": "x", "output": "y"}]',
+        "empty.json": "",
+        "object.json": '{"instruction": "a", "output": "b"}',
+        "malformed.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": \n',
+        "number.json": '[{"instruction": 42, "output": "b"}]',
+        "broken.yaml": "recipe: spam\ntrain:\n  epochs: [1,\n",
+        "instruct.yaml": "recipe: instruct\n",
+        "unknownkey.yaml": "recipe: spam\nmodel:\n  name: gpt2-tiny\n  layers: 3\n",
+        "responses.jsonl": '{"instruction": "a", "output": "b"}\n',
+        "config.json": "{}",
+    }
+    for name, text in contents.items():
+        (root / name).write_text(text)
+    (root / "latin1.tsv").write_bytes(b"ham\tok\nspam\tcaf\xe9\n")
+    corrupt = root / "corrupt_ckpt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}))
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not a safetensors file")
+    return root
+
+
+def spam(out, data, *extra):
+    return tiny_spam_args(data, out, "overwrite=true", *extra)
+
+
+def instruct(out, data):
+    return ["run", "instruct", "--quiet", "--config", "recipes/configs/instruct_tiny.yaml", f"output_dir={out}",
+            "overwrite=true", f"data.path={data}"]
+
+
+# (case id, argv built from (good run dir, good data file, bad files dir), text the one line must contain)
+CASES = [
+    # data
+    ("tsv-no-tab", lambda o, d, f: spam(o, f / "notab.tsv"), "notab.tsv:2: no tab"),
+    ("tsv-unknown-label", lambda o, d, f: spam(o, f / "label.tsv"), "label.tsv:3: unknown label 'SPAM'"),
+    ("tsv-empty", lambda o, d, f: spam(o, f / "empty.tsv"), "empty.tsv: no messages"),
+    ("tsv-not-utf8", lambda o, d, f: spam(o, f / "latin1.tsv"), "latin1.tsv:2: not UTF-8"),
+    ("tsv-empty-message", lambda o, d, f: spam(o, f / "nomessage.tsv"), "nomessage.tsv:2: empty message"),
+    ("tsv-missing", lambda o, d, f: spam(o, f / "nothere.tsv"), "nothere.tsv: cannot read data file"),
+    ("tsv-too-few-of-a-label", lambda o, d, f: spam(o, f / "onespam.tsv"), "onespam.tsv: fewer than 3 'spam'"),
+    ("json-malformed", lambda o, d, f: instruct(o, f / "malformed.json"), "malformed.json:2:23: malformed JSON"),
+    ("json-missing-instruction", lambda o, d, f: instruct(o, f / "noinstruction.json"), "record 1: missing 'instruction'"),
+    ("json-empty", lambda o, d, f: instruct(o, f / "empty.json"), "empty.json: empty file"),
+    ("json-not-a-list", lambda o, d, f: instruct(o, f / "object.json"), "object.json: expected a JSON list"),
+    ("jsonl-malformed-line", lambda o, d, f: instruct(o, f / "malformed.jsonl"), "malformed.jsonl:2:"),
+    ("json-wrong-type", lambda o, d, f: instruct(o, f / "number.json"), "'instruction' must be a string"),
+    # config
+    ("config-unknown-key", lambda o, d, f: spam(o, d, "train.epoch=3"), "override train.epoch: unknown key"),
+    ("config-wrong-type", lambda o, d, f: spam(o, d, "train.batch_size=eight"), "override train.batch_size"),
+    ("config-negative-epochs", lambda o, d, f: spam(o, d, "train.epochs=-1"), "train.epochs: Input should be greater"),
+    ("config-bad-choice", lambda o, d, f: spam(o, d, "train.schedule=linear"), "train.schedule: Input should be"),
+    ("config-fractions", lambda o, d, f: spam(o, d, "data.val_fraction=0.5", "data.test_fraction=0.5"), "val_fraction + test_fraction"),
+    ("config-yaml-syntax", lambda o, d, f: ["run", "spam", "--config", str(f / "broken.yaml")], "broken.yaml:"),
+    ("config-file-unknown-key", lambda o, d, f: ["validate", str(f / "unknownkey.yaml")], "unknownkey.yaml:4: model.layers: unknown key"),
+    ("config-recipe-mismatch", lambda o, d, f: ["run", "spam", "--config", str(f / "instruct.yaml")], "does not match"),
+    ("config-unknown-recipe", lambda o, d, f: ["run", "sentiment"], "unknown recipe 'sentiment'"),
+    ("config-override-syntax", lambda o, d, f: spam(o, d, "train.epochs"), "'train.epochs' is not key=value"),
+    ("config-random-needs-preset", lambda o, d, f: spam(o, d, "model.name=./mine"), "needs a preset name"),
+    ("config-too-many-blocks", lambda o, d, f: spam(o, d, "finetune.trainable=last_n_blocks", "finetune.n_blocks=5"), "n_blocks=5"),
+    ("lora-rank", lambda o, d, f: spam(o, d, "finetune.trainable=lora", "lora.rank=0"), "lora.rank"),
+    ("lora-target", lambda o, d, f: spam(o, d, "finetune.trainable=lora", "lora.targets=[q_proj]"), "valid targets:"),
+    ("lora-train-module", lambda o, d, f: spam(o, d, "finetune.trainable=lora", "lora.train_modules=[classifier]"), "'classifier' matches no module"),
+    ("run-exists", lambda o, d, f: tiny_spam_args(d, o), "holds a previous run"),
+    ("resume-other-config", lambda o, d, f: tiny_spam_args(d, o, "train.epochs=1", "train.lr=0.5", "resume=true"), "needs the same config"),
+    ("resume-finished", lambda o, d, f: tiny_spam_args(d, o, "train.epochs=1", "resume=true"), "already finished"),
+    # checkpoints
+    ("eval-not-a-run", lambda o, d, f: ["eval", str(f)], "not a run directory"),
+    ("classify-not-a-checkpoint", lambda o, d, f: ["classify", str(f), "--text", "hi"], "not a finetune checkpoint"),
+    ("merge-no-adapter", lambda o, d, f: ["merge", str(o), str(f / "merged")], "no LoRA adapter"),
+    ("generate-missing-path", lambda o, d, f: ["generate", "--model", str(f / "none"), "--prompt", "hi"], "no such file or directory"),
+    ("generate-corrupt-weights", lambda o, d, f: ["generate", "--model", str(f / "corrupt_ckpt"), "--prompt", "hi"], "corrupt or truncated"),
+    ("generate-dir-without-weights", lambda o, d, f: ["generate", "--model", str(f), "--prompt", "hi"], "no weights file"),
+    ("respond-on-spam-run", lambda o, d, f: ["respond", str(o)], "not an instruct run"),
+    # CLI
+    ("cli-unknown-command", lambda o, d, f: ["train"], "invalid choice: 'train'"),
+    ("cli-bad-number", lambda o, d, f: ["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+    ("cli-unknown-option", lambda o, d, f: ["eval", str(o), "--splits", "test"], "unrecognized arguments: --splits"),
+    ("score-missing-file", lambda o, d, f: ["score", str(f / "none.jsonl")], "cannot read responses"),
+    ("score-missing-field", lambda o, d, f: ["score", str(f / "responses.jsonl")], "responses.jsonl:1: missing string field 'response'"),
+    ("score-judge-half", lambda o, d, f: ["score", str(f / "responses.jsonl"), "--judge-url", "http://127.0.0.1:1/api/chat"], "go together"),
+]
+
+
+def snapshot(directory):
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_table_has_at_least_25_cases():
+    assert len(CASES) >= 25 and len({case for case, _, _ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case, argv, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, argv, expected, good_run, files, capsys):
+    out, data = good_run
+    before = snapshot(out)
+    line = one_line_error(capsys, *argv(out, data, files))
+    assert expected in line, line
+    assert line.startswith("finetune")
+    assert snapshot(out) == before, "a bad input changed the previous run's files"
+    shutil.rmtree(files / "merged", ignore_errors=True)
