@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -90,16 +91,18 @@ class Interrupted(Exception):
 
 
 def make_accelerator(train: TrainSection) -> Accelerator:
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState
 
-    if PartialState().num_processes == 1:
-        # accelerate keeps one state per process; a second run in the same process (a notebook, the
-        # tests) may ask for another precision. Launched multi-process runs keep theirs.
-        AcceleratorState._reset_state()
     try:
         return Accelerator(mixed_precision=train.mixed_precision)
-    except ValueError as e:  # e.g. fp16 without a GPU
-        raise UserError(f"train.mixed_precision={train.mixed_precision}: {e}") from e
+    except ValueError as e:
+        # accelerate keeps one state per process: a second run in the same process (a notebook, the
+        # tests) may ask for another precision. A single process can start afresh; a launched
+        # multi-process run cannot.
+        if "already been initialized" not in str(e) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(f"train.mixed_precision={train.mixed_precision}: {' '.join(str(e).split())}") from e
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=train.mixed_precision)
 
 
 class Trainer:
@@ -326,6 +329,7 @@ class Trainer:
         check_output_dir(self.config)
         config_file = self.out / "config.yaml"
         saved = _saved_config(self.config)
+        self.accelerator.wait_for_everyone()  # every process has checked before the main one writes
         if self.accelerator.is_main_process:
             if self.config.overwrite:
                 for name in (CHECKPOINTS, BEST, "metrics.jsonl", "metrics.csv"):
