@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from rouge_score import rouge_scorer
 
 from finetune.errors import UserError
+from finetune.files import jsonl_rows, read_text
 
 ROUGE_TYPE = "rougeL"
 
@@ -43,18 +43,8 @@ def reference_metrics(predictions: Sequence[str], references: Sequence[str]) -> 
 
 def read_responses(path: Path) -> list[dict]:
     """Rows of a responses.jsonl: `instruction`, `input`, `output` (reference) and `response`."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read responses ({e})") from e
     rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}:{e.colno}: malformed JSON ({e.msg})") from e
+    for number, row in jsonl_rows(path, read_text(path, "responses", "the path (a responses.jsonl file)")):
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: expected a JSON object")
         for key in ("instruction", "output", "response"):

@@ -8,7 +8,6 @@ perplexity, then responses to the test split, scored against the references).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import warnings
@@ -28,6 +27,7 @@ from finetune import build_model
 from finetune.checkpoint import load_model, write_text_atomic
 from finetune.config import Float, ModelSection, RunConfig, Section, load_config
 from finetune.errors import UserError
+from finetune.files import bundled, jsonl_rows, read_text
 from finetune.generate import generate
 from finetune.progress import progress
 from finetune.tokenizer import EOT_ID, get_tokenizer
@@ -101,22 +101,11 @@ def format_prompt(record: Record) -> str:
 
 def read_records(path: Path, fields: InstructData) -> list[Record]:
     """Records from a JSON list or a JSONL file, field names mapped as configured."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read data file ({e.strerror}); set data.path to a JSON or JSONL file") from e
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text; convert the file to UTF-8") from e
+    text = read_text(path, "data file", "data.path (a JSON list or JSONL file)")
     if not text.strip():
         raise UserError(f"{path}: empty file; expected a JSON list of instruction records")
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{number}:{e.colno}: malformed JSON ({e.msg})") from e
+        rows = [(f"{path}:{number}", row) for number, row in jsonl_rows(path, text)]
     else:
         try:
             document = json.loads(text)
@@ -154,11 +143,7 @@ def _record(where: str, row: object, fields: InstructData) -> Record:
 
 
 def data_path(config: InstructData) -> Path:
-    if config.path is not None:
-        return Path(config.path)
-    if hashlib.sha256(BUNDLED_DATA.read_bytes()).hexdigest() != BUNDLED_SHA256:
-        raise UserError(f"{BUNDLED_DATA}: checksum mismatch; restore it from {DATA_URL}")
-    return BUNDLED_DATA
+    return Path(config.path) if config.path is not None else bundled(BUNDLED_DATA, BUNDLED_SHA256, DATA_URL)
 
 
 def split_records(records: list[Record], config: InstructData) -> dict[str, list[Record]]:

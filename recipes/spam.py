@@ -7,7 +7,6 @@ test, beside a TF-IDF + logistic regression baseline on the same split).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import warnings
@@ -28,6 +27,7 @@ from finetune.checkpoint import load_model, write_text_atomic
 from finetune.classifier import GPTClassifier
 from finetune.config import Float, FinetuneSection, ModelSection, RunConfig, Section, load_config
 from finetune.errors import UserError
+from finetune.files import bundled, read_text
 from finetune.tokenizer import EOT_ID, get_tokenizer
 from finetune.trainable import configure_trainable
 from finetune.trainer import Trainer, check_output_dir, eval_loader, make_accelerator
@@ -82,15 +82,7 @@ def read_messages(path: Path) -> list[tuple[int, str]]:
     Lines are split on the first tab only, with no quote handling: the book's pandas call treats
     quotes specially and silently merges rows.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read data file ({e.strerror}); set data.path to a label<TAB>text file") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text; convert the file to UTF-8") from e
+    text = read_text(path, "data file", "data.path (a label<TAB>text file)")
     messages, blank, first_seen, duplicates = [], [], {}, []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -122,11 +114,7 @@ def read_messages(path: Path) -> list[tuple[int, str]]:
 
 
 def data_path(config: SpamData) -> Path:
-    if config.path is not None:
-        return Path(config.path)
-    if hashlib.sha256(BUNDLED_DATA.read_bytes()).hexdigest() != BUNDLED_SHA256:
-        raise UserError(f"{BUNDLED_DATA}: checksum mismatch; restore it from {DATA_URL}")
-    return BUNDLED_DATA
+    return Path(config.path) if config.path is not None else bundled(BUNDLED_DATA, BUNDLED_SHA256, DATA_URL)
 
 
 def split_messages(messages: list[tuple[int, str]], config: SpamData, seed: int) -> dict[str, list[tuple[int, str]]]:

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
+from tests.helpers import one_line_error, small_spam_file, tiny_spam_args
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from finetune.checkpoint import load_model, model_files, write_directory
 from finetune.classifier import GPTClassifier
 from finetune.config import load_config
 from finetune.errors import UserError
-from finetune.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, unmerge_lora
+from finetune.lora import LoRALinear, apply_lora, merge_lora, unmerge_lora
 from finetune.trainable import parameter_counts
 from finetune.trainer import Trainer, make_accelerator
 from recipes.spam import Collate, SpamConfig, SpamTask, build_classifier, encode_splits, prepare_data

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import torch
 from safetensors.torch import load_file
 
 from tests.helpers import cli, small_spam_file, tiny_spam_args
