@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of both models")
     args = parser.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -38,11 +40,11 @@ def main() -> None:
     from finetune.generate import generate
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()
-    ours = GPT(GPTConfig.from_preset("gpt2")).eval()
+    hf = GPT2LMHeadModel(GPT2Config()).eval().to(dtype)
+    ours = GPT(GPTConfig.from_preset("gpt2")).eval().to(dtype)
     n = args.new_tokens
 
-    print(f"# greedy generation, GPT-2 124M shape, prompt {args.prompt_len}, {n} new tokens, "
+    print(f"# greedy generation, GPT-2 124M shape, {args.dtype} weights, prompt {args.prompt_len}, {n} new tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
     print(f"| {'implementation':<26} | batch | tokens/s | vs transformers |")
     print(f"|{'-' * 28}|-------|----------|-----------------|")

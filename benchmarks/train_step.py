@@ -1,10 +1,11 @@
-"""Spam-classification training step on the GPT-2 124M shape (random weights, batch 8 x 128 tokens):
-full, last-block and LoRA (r=16 on every linear layer, head included) fine-tuning, ours beside
-transformers (+ peft). Prints median ms/step and peak resident memory; each case runs in its own
-process so that peak memory is its own.
+"""Training steps on the GPT-2 124M shape (random weights), ours beside transformers (+ peft):
+spam classification (batch 8 x 128) with full, last-block and LoRA (r=16 on every linear layer, head
+included) fine-tuning, and instruction tuning (causal LM, full, batch 4 x 256). Prints median ms/step,
+peak resident memory and achieved GFLOP/s against the machine's measured matmul peak; each case runs
+in its own process so that peak memory is its own.
 
-    pip install peft            # for the transformers + peft LoRA case
-    python benchmarks/train_step.py [--steps 5] [--batch 8] [--length 128] [--precision fp32 bf16]
+    pip install -e ".[bench]"   # transformers and peft
+    python benchmarks/train_step.py [--steps 5] [--precision fp32 bf16] [--method full last_block lora instruct]
 """
 
 from __future__ import annotations
@@ -20,7 +21,35 @@ import time
 
 import torch
 
-METHODS = ("full", "last_block", "lora")
+METHODS = ("full", "last_block", "lora", "instruct")
+SHAPES = {"full": (8, 128), "last_block": (8, 128), "lora": (8, 128), "instruct": (4, 256)}  # batch, length
+BLOCK_MATMUL = 12 * 768 * 768  # qkv 3d², proj d², fc and proj 8d² per block (GPT-2 124M: d = 768)
+N_LAYER, D, VOCAB = 12, 768, 50257
+
+
+def step_flops(method: str, batch: int, length: int) -> float:
+    """Matmul FLOPs of one step (forward 2·params·tokens plus attention; backward as much again for
+    input gradients and again for weight gradients, where needed)."""
+    tokens = batch * length
+    block = 2 * BLOCK_MATMUL * tokens + 4 * batch * length * length * D  # projections + QKᵀ and AV
+    head = 2 * D * VOCAB * tokens if method == "instruct" else 0
+    forward = N_LAYER * block + head
+    if method in ("full", "instruct"):
+        return 3 * forward
+    if method == "last_block":
+        return forward + 2 * block
+    return 2 * forward  # LoRA: input gradients through every block, tiny weight gradients
+
+
+def matmul_peak(precision: str) -> float:
+    """GFLOP/s of a large square matmul on this machine."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
 IMPLEMENTATIONS = ("ours", "transformers")
 
 
@@ -30,6 +59,8 @@ def build_ours(method: str) -> torch.nn.Module:
     from finetune.lora import apply_lora
     from finetune.trainable import mark_trainable
 
+    if method == "instruct":
+        return GPT(GPTConfig.from_preset("gpt2"))
     model = GPTClassifier(GPT(GPTConfig.from_preset("gpt2")), num_classes=2)
     if method == "lora":
         apply_lora(model, rank=16, alpha=16, targets=["all-linear"])
@@ -39,7 +70,10 @@ def build_ours(method: str) -> torch.nn.Module:
 
 
 def build_transformers(method: str) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    if method == "instruct":
+        return GPT2LMHeadModel(GPT2Config())
 
     model = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=50256))
     if method == "lora":
@@ -63,10 +97,16 @@ def run_case(implementation: str, method: str, steps: int, batch: int, length: i
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(2))
 
+    targets = torch.roll(ids, -1, dims=1)
+
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            if implementation == "ours":
+            if implementation == "ours" and method == "instruct":
+                loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1).float(), targets.flatten())
+            elif implementation == "ours":
                 loss = torch.nn.functional.cross_entropy(model(ids, mask).float(), labels)
+            elif method == "instruct":
+                loss = model(input_ids=ids, labels=ids).loss  # transformers shifts the labels itself
             else:
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -89,26 +129,27 @@ def run_case(implementation: str, method: str, steps: int, batch: int, length: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--case", nargs=3, metavar=("IMPL", "METHOD", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # one measurement, in this fresh process
-        print(json.dumps(run_case(args.case[0], args.case[1], args.steps, args.batch, args.length, args.case[2])))
+        batch, length = SHAPES[args.case[1]]
+        print(json.dumps(run_case(args.case[0], args.case[1], args.steps, batch, length, args.case[2])))
         return
 
-    print(f"# spam training step, GPT-2 124M shape, batch {args.batch} x {args.length}, median of {args.steps} steps, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
-    print("| method | precision | implementation | trainable params | ms/step | peak MiB | speed vs transformers |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"# training steps, GPT-2 124M shape, median of {args.steps} steps, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {platform.machine()}")
+    print("| method (batch x length) | precision | implementation | trainable params | ms/step | tokens/s | GFLOP/s (% of matmul peak) | peak MiB | speed vs transformers |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for precision in args.precision:
+        peak = matmul_peak(precision)
+        print(f"| matmul peak | {precision} | 2048² matmul | | | | {peak:.0f} (100%) | | |")
         for method in args.method:
+            batch, length = SHAPES[method]
             results = {}
             for implementation in IMPLEMENTATIONS:
-                command = [sys.executable, __file__, "--case", implementation, method, precision,
-                           "--steps", str(args.steps), "--batch", str(args.batch), "--length", str(args.length)]
+                command = [sys.executable, __file__, "--case", implementation, method, precision, "--steps", str(args.steps)]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
                     print(f"| {method} | {precision} | {implementation} | failed: {done.stderr.strip().splitlines()[-1]} |")
@@ -116,7 +157,9 @@ def main() -> None:
                 results[implementation] = json.loads(done.stdout.strip().splitlines()[-1])
             for implementation, r in results.items():
                 ratio = results["transformers"]["ms"] / r["ms"] if "transformers" in results else float("nan")
-                print(f"| {method} | {precision} | {implementation} | {r['trainable']:,} | {r['ms']:.0f} | "
+                gflops = step_flops(method, batch, length) / r["ms"] / 1e6
+                print(f"| {method} ({batch}x{length}) | {precision} | {implementation} | {r['trainable']:,} | {r['ms']:.0f} | "
+                      f"{batch * length / r['ms'] * 1000:.0f} | {gflops:.0f} ({100 * gflops / peak:.0f}%) | "
                       f"{r['peak_mib']:.0f} | {ratio:.2f}x |")
 
 
