@@ -229,7 +229,9 @@ class Trainer:
         loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum").item() / total
         max_norm = self.train_cfg.max_grad_norm if self.train_cfg.max_grad_norm is not None else float("inf")
         grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        # Under fp16, infinite gradients are the loss scaler's business: it skips the step and lowers the scale.
+        grads_ok = math.isfinite(grad_norm) or self.train_cfg.mixed_precision == "fp16"
+        if not (math.isfinite(loss) and grads_ok):
             self.optimizer.zero_grad(set_to_none=True)  # the weights stay as they were
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             where = f"step {self.state.step + 1} (epoch {self.state.epoch + 1}, batch {self.state.batches_in_epoch + 1})"
