@@ -92,7 +92,12 @@ def run_case(implementation: str, method: str, steps: int, batch: int, length: i
     torch.manual_seed(0)
     model = (build_ours if implementation == "ours" else build_transformers)(method).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    if implementation == "ours":
+        from finetune.trainer import adamw
+
+        optimizer = adamw(model, lr=1e-5, weight_decay=0.1)  # what our trainer uses (fused)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5)  # torch's default, as a plain training loop
     ids = torch.randint(0, 50256, (batch, length), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(2))
