@@ -318,6 +318,34 @@ def tensor_names(path: Path) -> set[str]:
         raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
 
 
+# -- a run's checkpoints ------------------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"  # <output_dir>/checkpoints/step-NNNNNNN/: resumable
+BEST = "best"  # <output_dir>/best/: the model with the best validation metric
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """A run's resumable checkpoints, oldest first."""
+    return sorted(p for p in (Path(out) / CHECKPOINTS).glob("step-*") if p.is_dir())
+
+
+def kept_checkpoint(out: Path) -> Path:
+    """The checkpoint a run keeps for use: best/, or else its last one."""
+    recover(Path(out) / BEST)
+    if (Path(out) / BEST).is_dir():
+        return Path(out) / BEST
+    dirs = checkpoint_dirs(out)
+    if not dirs:
+        raise UserError(f"{out}: no checkpoint found (no {BEST}/ or {CHECKPOINTS}/step-*/); was the run trained?")
+    return dirs[-1]
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint directory as given, or the kept checkpoint of a run directory (one with config.yaml)."""
+    path = Path(path)
+    return kept_checkpoint(path) if (path / "config.yaml").is_file() else path
+
+
 # -- training state -----------------------------------------------------------------------------
 
 STATE_TENSORS = "training_state.safetensors"

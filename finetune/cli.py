@@ -95,10 +95,10 @@ def _merge(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from finetune.checkpoint import load_model, model_files, write_directory
+    from finetune.checkpoint import resolve as resolve_checkpoint
     from finetune.lora import lora_layers, merged_model
-    from finetune.trainer import Trainer
 
-    source, out = Trainer.resolve(Path(args.run_dir)), Path(args.out_dir)
+    source, out = resolve_checkpoint(Path(args.run_dir)), Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new directory for the merged checkpoint")
     model, meta = load_model(source)
@@ -112,9 +112,8 @@ def _merge(args: argparse.Namespace) -> None:
 def _respond(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from finetune.checkpoint import load_model
+    from finetune.checkpoint import kept_checkpoint, load_model
     from finetune.config import load_config
-    from finetune.trainer import Trainer
     from recipes.instruct import InstructConfig, data_path, read_records, split_records, write_responses
 
     run_dir = Path(args.run_dir)
@@ -128,7 +127,7 @@ def _respond(args: argparse.Namespace) -> None:
     else:
         records, out = split_records(read_records(data_path(config.data), config.data), config.data)["test"], run_dir / "responses.jsonl"
     out = Path(args.out) if args.out else out
-    model, _ = load_model(Trainer.kept_checkpoint(run_dir))
+    model, _ = load_model(kept_checkpoint(run_dir))
     write_responses(model, records, config, out, quiet=False)
     print(f"{len(records)} responses written to {out}")
 
@@ -173,16 +172,15 @@ def _score(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from finetune.checkpoint import load_model
+    from finetune.checkpoint import kept_checkpoint, load_model
     from finetune.config import load_config
-    from finetune.trainer import Trainer
     from recipes.instruct import InstructConfig, Record, respond
 
     run_dir = Path(args.run_dir)
     if _run_recipe(run_dir) != "instruct":
         raise UserError(f"{run_dir}: not an instruct run")
     config = load_config(InstructConfig, run_dir / "config.yaml")
-    model, _ = load_model(Trainer.kept_checkpoint(run_dir))
+    model, _ = load_model(kept_checkpoint(run_dir))
     print("Type an instruction (optionally 'instruction || input'); an empty line or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:

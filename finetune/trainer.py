@@ -37,13 +37,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from finetune import checkpoint
+from finetune.checkpoint import BEST, CHECKPOINTS, checkpoint_dirs, kept_checkpoint
 from finetune.config import RunConfig, TrainSection
 from finetune.errors import UserError
 from finetune.progress import progress
 from finetune.trainable import parameter_counts
 
-CHECKPOINTS = "checkpoints"
-BEST = "best"
 
 
 class Task(Protocol):
@@ -163,7 +162,7 @@ class Trainer:
         self.save_checkpoint()
         if self.state.stopped_early:
             self._print(f"stopped early at step {self.state.step}: no improvement in {cfg.patience} evaluations")
-        return FitResult(self.kept_checkpoint(self.out), self.state, _read_jsonl(self.out / "metrics.jsonl"))
+        return FitResult(kept_checkpoint(self.out), self.state, _read_jsonl(self.out / "metrics.jsonl"))
 
     def _loop(self, bar, stop: list[int]) -> None:
         cfg = self.train_cfg
@@ -341,22 +340,6 @@ class Trainer:
             checkpoint.write_text_atomic(config_file, saved)
         self.accelerator.wait_for_everyone()
 
-    @staticmethod
-    def resolve(path: Path) -> Path:
-        """A checkpoint directory as given, or the kept checkpoint of a run directory."""
-        path = Path(path)
-        return Trainer.kept_checkpoint(path) if (path / "config.yaml").is_file() else path
-
-    @staticmethod
-    def kept_checkpoint(out: Path) -> Path:
-        checkpoint.recover(out / BEST)
-        if (out / BEST).is_dir():
-            return out / BEST
-        dirs = checkpoint_dirs(out)
-        if not dirs:
-            raise UserError(f"{out}: no checkpoint found (no {BEST}/ or {CHECKPOINTS}/step-*/); was the run trained?")
-        return dirs[-1]
-
     # -- output -----------------------------------------------------------------------------------
 
     def _log(self, row: dict) -> None:
@@ -408,11 +391,6 @@ def _saved_config(config: RunConfig) -> str:
 def eval_loader(dataset: Dataset, batch_size: int, collate: Callable[[list], dict]) -> DataLoader:
     """Fixed order, and a generator of its own so that evaluating never moves the global RNG."""
     return DataLoader(dataset, batch_size, shuffle=False, collate_fn=collate, generator=torch.Generator())
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """Resumable checkpoints, oldest first."""
-    return sorted(p for p in (Path(out) / CHECKPOINTS).glob("step-*") if p.is_dir())
 
 
 def write_metrics_csv(out: Path) -> None:

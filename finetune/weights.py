@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoint import ADAPTER_CONFIG, FORMAT, assemble, load_model, read_config, read_tensors
+from finetune.checkpoint import ADAPTER_CONFIG, FORMAT, assemble, load_model, read_config, read_tensors, resolve
 from finetune.errors import UserError
 from finetune.model import GPT, PRESETS, GPTConfig
 
@@ -67,7 +67,8 @@ _BOOK_TOP = {
 
 def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None, dropout: float = 0.0) -> GPT:
     """A `GPT` with weights from a hub id (`gpt2` … `gpt2-xl`, or `owner/repo`), a directory with
-    `config.json` + `model.safetensors` (or `pytorch_model.bin`), or a book `GPTModel` `.pth` file.
+    `config.json` + `model.safetensors` (or `pytorch_model.bin`), a book `GPTModel` `.pth` file, or
+    a checkpoint saved by finetune (a run directory means the checkpoint that run kept).
 
     `config` overrides the architecture read from the checkpoint (needed only for a book `.pth` whose
     shapes match no preset, since head counts cannot be read from shapes). `dropout` is a training
@@ -76,6 +77,7 @@ def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None
     path = Path(name_or_path).expanduser()
     if not path.exists():
         path = _download(str(name_or_path))
+    path = resolve(path)  # a run directory stands for the checkpoint it kept
     if path.is_file():
         if path.suffix in (".pth", ".pt"):
             return _load_book(path, config, dropout)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from evals.generation import reference_metrics
 from evals.plots import plot_curves
 from finetune import build_model
-from finetune.checkpoint import load_model, write_text_atomic
+from finetune.checkpoint import kept_checkpoint, load_model, write_text_atomic
 from finetune.config import Float, ModelSection, RunConfig, Section, load_config
 from finetune.errors import UserError
 from finetune.files import bundled, jsonl_rows, read_text
@@ -289,7 +289,7 @@ def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | 
     """Loss and perplexity of a run's kept checkpoint on the given splits."""
     config = load_config(InstructConfig, out / "config.yaml")
     accelerator = accelerator or make_accelerator(config.train)
-    model, meta = load_model(Trainer.kept_checkpoint(out))
+    model, meta = load_model(kept_checkpoint(out))
     records = split_records(read_records(data_path(config.data), config.data), config.data)
     collate = Collate(meta["max_length"], config.data.mask_prompt)
     model = accelerator.prepare(model)

@@ -23,7 +23,8 @@ from sklearn.model_selection import train_test_split
 from evals.classification import classification_metrics
 from evals.plots import plot_confusion, plot_curves
 from finetune import build_model
-from finetune.checkpoint import load_model, write_text_atomic
+from finetune.checkpoint import kept_checkpoint, load_model, write_text_atomic
+from finetune.checkpoint import resolve as resolve_checkpoint
 from finetune.classifier import GPTClassifier
 from finetune.config import Float, FinetuneSection, ModelSection, RunConfig, Section, load_config
 from finetune.errors import UserError
@@ -254,7 +255,7 @@ def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | 
     """Metrics of a run's kept checkpoint on the given splits; the same numbers as at the end of training."""
     config = load_config(SpamConfig, out / "config.yaml")
     accelerator = accelerator or make_accelerator(config.train)
-    model, meta = load_model(Trainer.kept_checkpoint(out))
+    model, meta = load_model(kept_checkpoint(out))
     raw = prepare_data(config)
     data = {split: encode(raw[split], meta["max_length"]) for split in splits}
     pad_to = meta["max_length"] if meta["pool"] == "last_position" else None
@@ -298,7 +299,7 @@ def summary_table(metrics: dict) -> str:
 
 def classify(directory: Path, texts: list[str]) -> list[tuple[str, float]]:
     """(label, probability) for each text, from a run directory or a checkpoint directory."""
-    directory = Trainer.resolve(directory)
+    directory = resolve_checkpoint(directory)
     model, meta = load_model(directory)
     if meta.get("task") != "classification":
         raise UserError(f"{directory}: a {meta.get('task')} checkpoint, not a classifier")

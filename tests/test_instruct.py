@@ -92,6 +92,8 @@ def test_tiny_run_end_to_end(tmp_path, small_data, capsys):
     assert code == 0 and json.loads(printed)["test"] == metrics["test"]
     code, printed, _ = cli(capsys, "respond", str(out), "--data", str(small_data), "--max-new-tokens", "2")
     assert code == 0 and len((out / "responses-instructions.jsonl").read_text().splitlines()) == 60
+    code, _, err = cli(capsys, "generate", "--model", str(out), "--prompt", "Hello", "--max-new-tokens", "3")
+    assert code == 0, err  # a run directory stands for the checkpoint it kept
 
 
 def test_lora_instruct_run(tmp_path, small_data, capsys):
