@@ -25,8 +25,8 @@ def generate(
     """Prompt + up to `max_new_tokens` new tokens.
 
     `idx` is a `(B, T)` LongTensor, or a list of token-id lists of any lengths (left-padded and masked
-    internally). A tensor comes back as `(B, T + n)`, rows that hit `eos_id` early padded with it; a
-    list comes back as a list, each row ending at its first generated `eos_id`. Greedy when
+    internally). Every row gets the same n <= max_new_tokens new tokens, rows that hit `eos_id` early
+    padded with it: a `(B, T + n)` tensor, or a list of lists (prompt + n) for list prompts. Greedy when
     `temperature` is 0. Prompts longer than the context keep their last tokens, with a warning.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -75,7 +75,7 @@ def generate(
 
     if not as_list:
         return tokens
-    return [_trim(row[T - len(p) :], len(p), eos_id) for row, p in zip(tokens.tolist(), prompts)]
+    return [row[T - len(p) :] for row, p in zip(tokens.tolist(), prompts)]  # without the left padding
 
 
 def _prompts(idx: torch.Tensor | list[list[int]]) -> list[list[int]]:
@@ -115,8 +115,3 @@ def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
-
-def _trim(row: list[int], prompt_len: int, eos_id: int | None) -> list[int]:
-    if eos_id is None or eos_id not in row[prompt_len:]:
-        return row
-    return row[: row.index(eos_id, prompt_len) + 1]

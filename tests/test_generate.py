@@ -50,11 +50,13 @@ def test_each_sequence_stops_at_its_own_eos(models):
     free = generate(ours, PROMPTS, 12)
     eos = free[0][len(PROMPTS[0]) + 3]  # the 4th token the first prompt generates
     stopped = generate(ours, PROMPTS, 12, eos_id=eos)
+    n = len(stopped[0]) - len(PROMPTS[0])  # the same number of new tokens for every row
     for row, free_row, p in zip(stopped, free, PROMPTS):
         new = free_row[len(p):]
         expected = new[: new.index(eos) + 1] if eos in new else new
-        assert row == p + expected
-    assert stopped[0][-1] == eos and len(stopped[0]) <= len(PROMPTS[0]) + 4
+        assert row == p + expected[:n] + [eos] * (n - len(expected[:n]))  # padded with eos after stopping
+    assert stopped[0][len(PROMPTS[0]) + 3] == eos and stopped[0][-1] == eos
+    assert n == max(f[len(p):].index(eos) + 1 if eos in f[len(p):] else 12 for f, p in zip(free, PROMPTS))
     as_tensor = generate(ours, torch.tensor([PROMPTS[0]]), 12, eos_id=eos)
     first = len(PROMPTS[0]) + free[0][len(PROMPTS[0]):].index(eos)
     assert (as_tensor[0, first:] == eos).all()
