@@ -165,6 +165,11 @@ def read_config(directory: Path, name: str = CONFIG_FILE) -> dict:
     return config
 
 
+def unreadable(path: Path, error: Exception) -> UserError:
+    """The error for a weights file that its format's reader rejects (safetensors, torch zip, pickle)."""
+    return UserError(f"{path}: cannot read weights ({type(error).__name__}: {error}); the file is corrupt or truncated")
+
+
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a safetensors file, one tensor in memory at a time."""
     try:
@@ -174,7 +179,7 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
     except Exception as e:  # safetensors reports corruption with its own error types
-        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
+        raise unreadable(path, e) from e
 
 
 def assemble(build: Callable[[], torch.nn.Module], tensors: Iterator[tuple[str, torch.Tensor]], source: Path):
@@ -315,7 +320,7 @@ def tensor_names(path: Path) -> set[str]:
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
     except Exception as e:  # safetensors reports corruption with its own error types
-        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
+        raise unreadable(path, e) from e
 
 
 # -- a run's checkpoints ------------------------------------------------------------------------

@@ -141,8 +141,8 @@ class Trainer:
         eval_bs = self.train_cfg.eval_batch_size or self.train_cfg.batch_size
         self.val_loader = accelerator.prepare(eval_loader(val_set, eval_bs, collate))
 
-        batches = math.ceil(len(train_set) / (self.train_cfg.batch_size * self.world))
-        self.steps_per_epoch = math.ceil(batches / self.train_cfg.grad_accum_steps)
+        self.batches_per_epoch = math.ceil(len(train_set) / (self.train_cfg.batch_size * self.world))  # per process
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.train_cfg.grad_accum_steps)
         self.total_steps = self.steps_per_epoch * self.train_cfg.epochs
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -345,14 +345,11 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        row = {"step": self.state.step, "epoch": self.state.epoch + self.state.batches_in_epoch / max(1, self._batches_per_epoch()), **row}
+        row = {"step": self.state.step, "epoch": self.state.epoch + self.state.batches_in_epoch / self.batches_per_epoch, **row}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if row["split"] != "train":
             write_metrics_csv(self.out)
-
-    def _batches_per_epoch(self) -> int:
-        return math.ceil(len(self.train_set) / (self.train_cfg.batch_size * self.world))
 
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process and not self.quiet:

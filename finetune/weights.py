@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoint import ADAPTER_CONFIG, FORMAT, assemble, load_model, read_config, read_tensors, resolve
+from finetune.checkpoint import ADAPTER_CONFIG, FORMAT, assemble, load_model, read_config, read_tensors, resolve, unreadable
 from finetune.errors import UserError
 from finetune.model import GPT, PRESETS, GPTConfig
 
@@ -84,7 +84,7 @@ def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None
         raise UserError(f"{path}: expected a checkpoint directory (config.json + model.safetensors) or a book .pth file")
     config_file = path / "config.json"
     if (path / ADAPTER_CONFIG).exists() or read_config(path).get("format") == FORMAT:
-        return _load_finetune_checkpoint(path, dropout)
+        return load_model(path, dropout=dropout)[0]  # a GPT, or the classifier a recipe trained
     raw = read_config(path)
     weights = _weights_file(path)
     config = config or _hf_config(raw, config_file)
@@ -157,11 +157,6 @@ def _hf_config(raw: dict, where: Path) -> GPTConfig:
         raise UserError(f"{where}: bad GPT-2 config ({e})") from e
 
 
-def _load_finetune_checkpoint(path: Path, dropout: float):
-    """A model saved by finetune: a GPT, or the classifier a recipe trained (adapter merged in or not)."""
-    return load_model(path, dropout=dropout)[0]
-
-
 def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
         return read_tensors(path)
@@ -170,7 +165,7 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     except UserError:
         raise
     except Exception as e:  # corrupt or truncated files raise format-specific errors
-        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
+        raise unreadable(path, e) from e
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -236,7 +231,7 @@ def _load_book(path: Path, config: GPTConfig | None, dropout: float) -> GPT:
     except UserError:
         raise
     except Exception as e:  # corrupt or truncated files raise format-specific errors
-        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
+        raise unreadable(path, e) from e
     if config is None:
         config = _book_config(state, path)
     return _assemble(replace(config, dropout=dropout), _from_book(state, config.n_embd), path)

@@ -158,6 +158,11 @@ class Collate:
     def __init__(self, pad_to: int | None = None) -> None:
         self.pad_to = pad_to
 
+    @classmethod
+    def for_pool(cls, pool: str, max_length: int) -> "Collate":
+        """The book's last-position pooling needs every message padded to the same length."""
+        return cls(max_length if pool == "last_position" else None)
+
     def __call__(self, batch: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         width = self.pad_to or max(len(ids) for ids, _ in batch)
         return {
@@ -228,9 +233,8 @@ def run(config: SpamConfig, quiet: bool = False) -> dict:
     torch.manual_seed(config.train.seed)
     model = build_classifier(config)
     data, max_length = encode_splits(splits, config, model.gpt.config.context_length)
-    pad_to = max_length if config.model.pool == "last_position" else None
     trainer = Trainer(
-        config, accelerator, model, SpamTask(), data["train"], data["val"], Collate(pad_to),
+        config, accelerator, model, SpamTask(), data["train"], data["val"], Collate.for_pool(config.model.pool, max_length),
         meta={"labels": list(LABELS), "max_length": max_length, "base": base_spec(config)}, quiet=quiet,
     )
     fit = trainer.fit()
@@ -258,11 +262,10 @@ def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | 
     model, meta = load_model(kept_checkpoint(out))
     raw = prepare_data(config)
     data = {split: encode(raw[split], meta["max_length"]) for split in splits}
-    pad_to = meta["max_length"] if meta["pool"] == "last_position" else None
     model = accelerator.prepare(model)
     results = {}
     for split in splits:
-        loader = eval_loader(data[split], config.train.eval_batch_size or config.train.batch_size, Collate(pad_to))
+        loader = eval_loader(data[split], config.train.eval_batch_size or config.train.batch_size, Collate.for_pool(meta["pool"], meta["max_length"]))
         results[split] = SpamTask().evaluate(model, accelerator.prepare(loader), accelerator)
     return results
 
@@ -306,9 +309,9 @@ def classify(directory: Path, texts: list[str]) -> list[tuple[str, float]]:
     if not texts or any(not text.strip() for text in texts):
         raise UserError("--text is empty; give a message to classify")
     data = encode([(0, text) for text in texts], meta["max_length"])
-    pad_to = meta["max_length"] if meta["pool"] == "last_position" else None
+    batch = Collate.for_pool(meta["pool"], meta["max_length"])(list(data))
     with torch.no_grad():
-        probs = model.eval()(**{k: v for k, v in Collate(pad_to)(list(data)).items() if k != "labels"}).softmax(-1)
+        probs = model.eval()(batch["input_ids"], batch["attention_mask"]).softmax(-1)
     labels = meta.get("labels", [str(i) for i in range(probs.shape[1])])
     return [(labels[int(p.argmax())], float(p.max())) for p in probs]
 
