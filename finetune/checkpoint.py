@@ -131,14 +131,17 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def model_files(model: torch.nn.Module, meta: dict) -> dict[str, Callable[[Path], None]]:
     """Writers for a model checkpoint: the weights and a JSON file describing how to rebuild them.
 
-    A model with LoRA layers is saved as its adapter only (adapter.safetensors + adapter_config.json,
-    which names the base model); any other as model.safetensors + config.json.
+    A model that trains only part of itself (LoRA adapters, or some layers) on a base that `meta`
+    names (`meta["base"]`) is saved as the trained tensors only: adapter.safetensors +
+    adapter_config.json. A last-block run of GPT-2 124M then writes 28 MB per checkpoint, not 500 MB.
+    Any other model is saved whole: model.safetensors + config.json.
     """
     from finetune.lora import lora_config, lora_layers, lora_state_dict
 
     config = {"format": FORMAT, **model.checkpoint_meta(), **meta}
-    if lora_layers(model):
-        config["adapter"] = lora_config(model)
+    partial = lora_layers(model) or any(not p.requires_grad for p in model.parameters())
+    if partial and "base" in meta:
+        config["adapter"] = lora_config(model) if lora_layers(model) else {"layers": []}
         return {
             ADAPTER_FILE: lambda path: save_file(lora_state_dict(model), str(path)),
             ADAPTER_CONFIG: lambda path: path.write_text(json.dumps(config, indent=2)),
@@ -288,7 +291,8 @@ def _builder(meta: dict, where: Path) -> Callable:
 
 
 def _load_adapter_model(directory: Path, dropout: float) -> tuple[torch.nn.Module, dict]:
-    """Base model (by name, or re-made from its seed when it was a random init) + adapter."""
+    """Base model (by name, or re-made from its seed when it was a random init) + the trained tensors
+    (LoRA layers and whatever trained beside them, or the trained layers of a partial fine-tune)."""
     from finetune import build_model
     from finetune.lora import wrap_layers
 
@@ -305,7 +309,8 @@ def _load_adapter_model(directory: Path, dropout: float) -> tuple[torch.nn.Modul
         raise UserError(f"{where}: the adapter was trained on a base of shape {expected.to_dict()}, "
                         f"but '{base['name']}' has shape {gpt.config.to_dict()}")
     model = _builder(meta, where)(gpt)
-    wrap_layers(model, adapter["layers"], adapter["rank"], adapter["alpha"], adapter["dropout"])
+    if adapter["layers"]:
+        wrap_layers(model, adapter["layers"], adapter["rank"], adapter["alpha"], adapter["dropout"])
     stored = tensor_names(directory / ADAPTER_FILE)
     for name, p in model.named_parameters():  # as in training: adapters and the modules trained beside them
         p.requires_grad = "lora_" in name or name in stored

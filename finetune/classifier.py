@@ -30,14 +30,41 @@ class GPTClassifier(nn.Module):
         self.num_classes = num_classes
         self.pool = pool
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.gpt(input_ids, return_hidden=True)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Logits from token ids, or from `hidden`, the residual stream entering block `start` (as
+        `features` returns it), read at position `index[b]` of each row.
+
+        The last block runs at the pooled position only: the other positions' outputs would be
+        thrown away, so only their keys and values are computed.
+        """
+        if hidden is None:
+            hidden, index = self.gpt.embed(input_ids), self.pooled_index(input_ids, attention_mask)
+        *body, last = self.gpt.blocks
+        for block in body[start:]:
+            hidden = block(hidden)
+        return self.head(self.gpt.ln_f(last.forward_at(hidden, index)))
+
+    def pooled_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The position each row is read at."""
         if self.pool == "last_token" and attention_mask is not None:
-            last = attention_mask.sum(dim=1) - 1
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        else:
-            pooled = hidden[:, -1]
-        return self.head(pooled)
+            return attention_mask.sum(dim=1) - 1
+        B, T = input_ids.shape
+        return torch.full((B,), T - 1, device=input_ids.device)
+
+    def features(self, input_ids: torch.Tensor, stop: int) -> torch.Tensor:
+        """The residual stream `(B, T, C)` entering block `stop`: `forward(hidden=..., start=stop)` goes on from it."""
+        hidden = self.gpt.embed(input_ids)
+        for block in self.gpt.blocks[:stop]:
+            hidden = block(hidden)
+        return hidden
 
     def checkpoint_meta(self) -> dict:
         return {**self.gpt.checkpoint_meta(), "task": "classification", "num_classes": self.num_classes, "pool": self.pool}

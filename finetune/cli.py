@@ -94,17 +94,17 @@ def _classify(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from finetune.checkpoint import load_model, model_files, write_directory
+    from finetune.checkpoint import ADAPTER_CONFIG, load_model, model_files, write_directory
     from finetune.checkpoint import resolve as resolve_checkpoint
-    from finetune.lora import lora_layers, merged_model
+    from finetune.lora import merged_model
 
     source, out = resolve_checkpoint(Path(args.run_dir)), Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new directory for the merged checkpoint")
+    if not (source / ADAPTER_CONFIG).exists():
+        raise UserError(f"{source}: no adapter to merge (it is already a plain checkpoint)")
     model, meta = load_model(source)
-    if not lora_layers(model):
-        raise UserError(f"{source}: no LoRA adapter to merge (it is already a plain checkpoint)")
-    kept = {k: v for k, v in meta.items() if k in ("labels", "max_length", "base")}
+    kept = {k: v for k, v in meta.items() if k in ("labels", "max_length")}  # no "base": the result stands alone
     write_directory(out, model_files(merged_model(model), kept))
     print(f"merged {source} into {out} (model.safetensors + config.json)")
 
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--text", action="append", required=True, help="a message to classify (repeatable)")
     cls.set_defaults(func=_classify)
 
-    merge = commands.add_parser("merge", help="fold a LoRA run's adapter into its base: a plain checkpoint")
+    merge = commands.add_parser("merge", help="fold a run's adapter (LoRA, or the layers a partial fine-tune trained) into its base: a plain checkpoint")
     merge.add_argument("run_dir", help="run directory or adapter checkpoint directory")
     merge.add_argument("out_dir", help="new directory for model.safetensors + config.json")
     merge.set_defaults(func=_merge)

@@ -6,6 +6,7 @@ reported as one line naming the key, and the file and line it came from.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -28,6 +29,18 @@ def _float(value: Any) -> Any:
 
 
 Float = Annotated[float, BeforeValidator(_float)]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. PyYAML's 1.1 rules read `no`, `off` and `yes` as booleans,
+    so `mixed_precision: no` would be refused as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 class Section(BaseModel):
@@ -128,8 +141,8 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read config ({e})") from e
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -153,7 +166,7 @@ def _key_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict) -> None:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        return yaml.load(text, Loader=_Loader) if text.strip() else None
     except yaml.YAMLError:
         return text
 

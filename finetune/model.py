@@ -110,6 +110,18 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The attention output `(B, C)` at one position per row: keys and values of every position up
+        to it, a query only there."""
+        B, T, C = x.shape
+        D = C // self.n_head
+        qkv = self.qkv(x)
+        q = qkv[torch.arange(B, device=x.device), index, :C].view(B, self.n_head, 1, D)
+        k, v = (t.view(B, T, self.n_head, D).transpose(1, 2) for t in qkv[..., C:].split(C, dim=2))
+        visible = (torch.arange(T, device=x.device) <= index[:, None]).view(B, 1, 1, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.view(B, C)))
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -133,6 +145,13 @@ class Block(nn.Module):
     def forward(self, x, mask=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The block's output `(B, C)` at position `index[b]` of each row, for a reader of one position
+        (a classifier): the MLP and most of attention run on B positions instead of B×T."""
+        at = x[torch.arange(x.shape[0], device=x.device), index]
+        at = at + self.attn.forward_at(self.ln_1(x), index)
+        return at + self.mlp(self.ln_2(at))
 
 
 class GPT(nn.Module):
@@ -195,7 +214,7 @@ class GPT(nn.Module):
             )
         if positions is None:
             positions = torch.arange(past, past + T, device=idx.device).unsqueeze(0)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        x = self.embed(idx, positions)
         mask = None if attention_mask is None else _attention_mask(attention_mask, past, T)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)
@@ -203,6 +222,16 @@ class GPT(nn.Module):
             cache.length += T
         x = self.ln_f(x)
         return x if return_hidden else self.lm_head(x)
+
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream entering the first block: token plus position embeddings."""
+        if positions is None:
+            if idx.shape[1] > self.config.context_length:
+                raise UserError(f"sequence of {idx.shape[1]} tokens exceeds the model's context length "
+                                f"{self.config.context_length}")
+            positions = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0)
+        return self.drop(self.wte(idx) + self.wpe(positions))
 
 
 def _attention_mask(key_mask: torch.Tensor, past: int, T: int) -> torch.Tensor:

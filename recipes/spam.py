@@ -26,8 +26,9 @@ from finetune import build_model
 from finetune.checkpoint import kept_checkpoint, load_model, write_text_atomic
 from finetune.checkpoint import resolve as resolve_checkpoint
 from finetune.classifier import GPTClassifier
-from finetune.config import Float, FinetuneSection, ModelSection, RunConfig, Section, load_config
+from finetune.config import Float, FinetuneSection, ModelSection, RunConfig, Section, TrainSection, load_config
 from finetune.errors import UserError
+from finetune.features import CachedFeatures, CollateFeatures, cache_splits
 from finetune.files import bundled, read_text
 from finetune.tokenizer import EOT_ID, get_tokenizer
 from finetune.trainable import configure_trainable
@@ -63,11 +64,19 @@ class ClassifierModel(ModelSection):
     )
 
 
+class SpamTrain(TrainSection):
+    cache_features: bool = Field(
+        True, description="compute the frozen layers below the first trainable block once per example, not every "
+                          "epoch (only when dropout is 0); costs tokens x n_embd x 4 bytes of memory"
+    )
+
+
 class SpamConfig(RunConfig):
     recipe: Literal["spam"] = "spam"
     output_dir: str = "runs/spam"
     model: ClassifierModel = ClassifierModel()
     data: SpamData = SpamData()
+    train: SpamTrain = SpamTrain()
     finetune: FinetuneSection = FinetuneSection(trainable="last_block")
 
 
@@ -178,9 +187,15 @@ class Collate:
 class SpamTask:
     """Cross-entropy over one label per message; metrics from evals.classification."""
 
+    @staticmethod
+    def logits(model, batch: dict) -> torch.Tensor:
+        """From token ids, or from cached features (finetune.features)."""
+        if "hidden" in batch:
+            return model(hidden=batch["hidden"], index=batch["index"], start=batch["start"])
+        return model(batch["input_ids"], batch["attention_mask"])
+
     def loss(self, model, batch: dict) -> torch.Tensor:
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return F.cross_entropy(self.logits(model, batch).float(), batch["labels"], reduction="sum")
 
     def count(self, batch: dict) -> int:
         return len(batch["labels"])
@@ -190,7 +205,7 @@ class SpamTask:
         model.eval()
         all_logits, all_labels = [], []
         for batch in loader:
-            logits = model(batch["input_ids"], batch["attention_mask"]).float()
+            logits = self.logits(model, batch).float()
             logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
             all_logits.append(logits.cpu())
             all_labels.append(labels.cpu())
@@ -233,17 +248,26 @@ def run(config: SpamConfig, quiet: bool = False) -> dict:
     torch.manual_seed(config.train.seed)
     model = build_classifier(config)
     data, max_length = encode_splits(splits, config, model.gpt.config.context_length)
+    collate = Collate.for_pool(config.model.pool, max_length)
+    cached = {}
+    if config.train.cache_features:
+        eval_bs = config.train.eval_batch_size or config.train.batch_size
+        cached = cache_splits(model, {"train": data["train"], "val": data["val"]}, collate, eval_bs, accelerator, quiet)
+    if cached:
+        data.update(cached)
+        collate = CollateFeatures(cached["train"].start)
     trainer = Trainer(
-        config, accelerator, model, SpamTask(), data["train"], data["val"], Collate.for_pool(config.model.pool, max_length),
+        config, accelerator, model, SpamTask(), data["train"], data["val"], collate,
         meta={"labels": list(LABELS), "max_length": max_length, "base": base_spec(config)}, quiet=quiet,
     )
     fit = trainer.fit()
-    return report(Path(config.output_dir), config, accelerator, fit.history, quiet)
+    return report(Path(config.output_dir), config, accelerator, fit.history, quiet, cached)
 
 
-def report(out: Path, config: SpamConfig, accelerator: Accelerator, history: list[dict], quiet: bool) -> dict:
+def report(out: Path, config: SpamConfig, accelerator: Accelerator, history: list[dict], quiet: bool,
+           cached: dict[str, CachedFeatures]) -> dict:
     """Evaluate the kept model on every split beside the baseline; write metrics.json and plots."""
-    metrics = evaluate_run(out, SPLITS, accelerator)
+    metrics = evaluate_run(out, SPLITS, accelerator, cached)
     metrics["baseline"] = tfidf_baseline(prepare_data(config))
     if accelerator.is_main_process:
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -255,8 +279,13 @@ def report(out: Path, config: SpamConfig, accelerator: Accelerator, history: lis
     return metrics
 
 
-def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | None = None) -> dict:
-    """Metrics of a run's kept checkpoint on the given splits; the same numbers as at the end of training."""
+def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | None = None,
+                 cached: dict[str, CachedFeatures] | None = None) -> dict:
+    """Metrics of a run's kept checkpoint on the given splits; the same numbers as at the end of training.
+
+    `cached` holds the features training computed for some splits: the layers below them are frozen,
+    so they hold for the kept model too."""
+    cached = cached or {}
     config = load_config(SpamConfig, out / "config.yaml")
     accelerator = accelerator or make_accelerator(config.train)
     model, meta = load_model(kept_checkpoint(out))
@@ -265,7 +294,10 @@ def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | 
     model = accelerator.prepare(model)
     results = {}
     for split in splits:
-        loader = eval_loader(data[split], config.train.eval_batch_size or config.train.batch_size, Collate.for_pool(meta["pool"], meta["max_length"]))
+        dataset, collate = data[split], Collate.for_pool(meta["pool"], meta["max_length"])
+        if split in cached:
+            dataset, collate = cached[split], CollateFeatures(cached[split].start)
+        loader = eval_loader(dataset, config.train.eval_batch_size or config.train.batch_size, collate)
         results[split] = SpamTask().evaluate(model, accelerator.prepare(loader), accelerator)
     return results
 

@@ -104,7 +104,7 @@ CASES = [
     # checkpoints
     ("eval-not-a-run", lambda o, d, f: ["eval", str(f)], "not a run directory"),
     ("classify-not-a-checkpoint", lambda o, d, f: ["classify", str(f), "--text", "hi"], "not a finetune checkpoint"),
-    ("merge-no-adapter", lambda o, d, f: ["merge", str(o), str(f / "merged")], "no LoRA adapter"),
+    ("merge-no-adapter", lambda o, d, f: ["merge", str(o), str(f / "merged")], "no adapter to merge"),
     ("generate-missing-path", lambda o, d, f: ["generate", "--model", str(f / "none"), "--prompt", "hi"], "no such file or directory"),
     ("generate-corrupt-weights", lambda o, d, f: ["generate", "--model", str(f / "corrupt_ckpt"), "--prompt", "hi"], "corrupt or truncated"),
     ("generate-dir-without-weights", lambda o, d, f: ["generate", "--model", str(f), "--prompt", "hi"], "no weights file"),

@@ -54,3 +54,12 @@ def test_validate_cli(capsys, tmp_path):
     assert "train.epochs" in one_line_error(capsys, "validate", str(CONFIG_DIR / "spam.yaml"), "train.epochs=-1")
     assert "no such config file" in one_line_error(capsys, "validate", str(tmp_path / "none.yaml"))
     assert "unknown recipe" in one_line_error(capsys, "run", "nosuch")
+
+
+def test_yaml_reads_no_and_yes_as_words_not_booleans(tmp_path):
+    """`mixed_precision: no` is a value of its own; YAML 1.1 would make it False and refuse it."""
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: spam\ntrain:\n  mixed_precision: no\n")
+    assert load_config(SpamConfig, path).train.mixed_precision == "no"
+    assert load_config(SpamConfig, None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(SpamConfig, None, ["resume=true"]).resume is True

@@ -159,7 +159,7 @@ def test_lora_run_eval_merge_and_reload(tmp_path, capsys):
         diff = (adapted.eval()(batch["input_ids"], batch["attention_mask"]) - merged.eval()(batch["input_ids"], batch["attention_mask"]))
     assert diff.abs().max().item() <= 1e-5
     assert "not empty" in one_line_error(capsys, "merge", str(out), str(tmp_path / "merged"))
-    assert "no LoRA adapter" in one_line_error(capsys, "merge", str(tmp_path / "merged"), str(tmp_path / "again"))
+    assert "no adapter to merge" in one_line_error(capsys, "merge", str(tmp_path / "merged"), str(tmp_path / "again"))
 
 
 def test_adapter_for_another_base_is_refused(tmp_path, capsys):

@@ -1,8 +1,10 @@
 """Our GPT computes what transformers' GPT-2 computes, on checkpoints in the real layout."""
 
+import pytest
 import torch
 
 from finetune import GPT, GPTConfig, load_pretrained
+from finetune.classifier import GPTClassifier
 
 
 def test_gpt2_124m_parameter_count():
@@ -49,3 +51,21 @@ def test_padding_mask_leaves_real_tokens_unchanged(small_hf):
         expected = ours(idx)
         got = ours(padded, attention_mask=mask, positions=positions)[:, 4:]
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("pool", ["last_token", "last_position"])
+def test_classifier_runs_the_last_block_at_the_pooled_position_only(pool):
+    """Same logits as the whole final hidden state read at the pooled position, also from cached features."""
+    torch.manual_seed(0)
+    model = GPTClassifier(GPT(GPTConfig(n_embd=48, n_layer=3, n_head=4, context_length=32)), 3, pool).eval()
+    ids = torch.randint(0, 50257, (4, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 15:] = 0, 0
+    index = torch.tensor([19, 6, 14, 19]) if pool == "last_token" else torch.full((4,), 19)
+    with torch.no_grad():
+        hidden = model.gpt(ids, return_hidden=True)
+        expected = model.head(hidden[torch.arange(4), index])
+        assert torch.allclose(model(ids, mask), expected, atol=1e-6)
+        for start in (1, 2):
+            features = model.features(ids, start)
+            assert torch.allclose(model(hidden=features, index=index, start=start), expected, atol=1e-6)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.checkpoint import load_model
 from finetune.trainer import Trainer
 from recipes.spam import BUNDLED_DATA, SpamConfig, read_messages, split_messages
 from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
@@ -107,19 +108,58 @@ def test_last_block_trains_only_last_block_final_norm_and_head(tmp_path, data, c
                           "train.keep_last=100")
     code, _, err = cli(capsys, *args)
     assert code == 0, err
-    first, last = weights(out / "checkpoints" / "step-0000001"), weights(out / "checkpoints" / "step-0000007")
-    # Step 1's checkpoint holds weights after one update; compare with the random init by seed.
+    trainable = ("gpt.blocks.1.", "gpt.ln_f.", "head.")
+    # Checkpoints hold the trained tensors only; the frozen rest is rebuilt from the base (here: its seed).
+    stored = weights(out / "checkpoints" / "step-0000007")
+    assert stored and all(name.startswith(trainable) for name in stored)
+    first, last = (load_model(out / "checkpoints" / step)[0].state_dict() for step in ("step-0000001", "step-0000007"))
     from recipes.spam import build_classifier
 
     torch.manual_seed(123)
-    initial = {k: v for k, v in build_classifier(SpamConfig(model={"name": "gpt2-tiny", "init": "random"})).state_dict().items()
-               if k in first}
-    trainable = ("gpt.blocks.1.", "gpt.ln_f.", "head.")
+    initial = build_classifier(SpamConfig(model={"name": "gpt2-tiny", "init": "random"})).state_dict()
+    assert initial.keys() == last.keys()
     for name in initial:
         if name.startswith(trainable):
             assert not torch.equal(initial[name], last[name]), f"{name} did not train"
+            assert torch.equal(stored[name], last[name])
         else:
             assert torch.equal(initial[name], first[name]) and torch.equal(initial[name], last[name]), f"{name} changed"
+
+    code, _, err = cli(capsys, "merge", str(out), str(tmp_path / "merged"))  # a stand-alone copy
+    assert code == 0, err
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    best = load_model(out / "best")[0].state_dict()
+    assert all(torch.equal(merged[name], best[name]) for name in merged) and len(merged) == len(best) - 1  # lm_head is tied
+
+
+def test_feature_cache_gives_the_same_run(tmp_path, data, capsys):
+    """Frozen layers computed once per example give the run that recomputes them every step."""
+    runs = {}
+    for cache in ("true", "false"):
+        out = tmp_path / cache
+        args = tiny_spam_args(data, out, "finetune.trainable=last_block", "train.eval_every=3", f"train.cache_features={cache}")
+        code, _, err = cli(capsys, *args)
+        assert code == 0, err
+        assert ("feature cache: blocks 0-0 are frozen" in err) == (cache == "true"), err
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[cache] = rows, json.loads((out / "metrics.json").read_text()), weights(out / "best")
+    (rows, metrics, best), (plain_rows, plain_metrics, plain_best) = runs["true"], runs["false"]
+    assert [r["split"] for r in rows] == [r["split"] for r in plain_rows] and len(rows) == 20
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(rows, plain_rows)) < 1e-5
+    assert [r.get("accuracy") for r in rows] == [r.get("accuracy") for r in plain_rows]
+    for split in ("train", "val", "test"):
+        assert metrics[split]["confusion_matrix"] == plain_metrics[split]["confusion_matrix"]
+        assert metrics[split]["loss"] == pytest.approx(plain_metrics[split]["loss"], abs=1e-5)
+    assert best.keys() == plain_best.keys()
+    # 1e-4, not 1e-5: the key bias has a zero gradient in exact arithmetic (softmax ignores a shift
+    # shared by all keys), so Adam scales rounding noise there up to lr-sized steps. Elsewhere: < 1e-7.
+    assert all(torch.allclose(best[k], plain_best[k], atol=1e-4) for k in best)
+    assert all(torch.allclose(best[k], plain_best[k], atol=1e-7) for k in best if k != "gpt.blocks.1.attn.qkv.bias")
+
+    # Nothing to cache when the frozen layers draw dropout noise, or when every layer trains.
+    for extra in (("finetune.trainable=last_block", "model.dropout=0.1"), ("finetune.trainable=all",)):
+        code, _, err = cli(capsys, *tiny_spam_args(data, tmp_path / "other", "train.epochs=1", "overwrite=true", *extra))
+        assert code == 0 and "feature cache" not in err, err
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, capsys):
