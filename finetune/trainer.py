@@ -226,8 +226,11 @@ class Trainer:
                 acc.backward(loss * (self.world / total))
             loss_sum += loss.detach().float().item()
         loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum").item() / total
-        max_norm = self.train_cfg.max_grad_norm if self.train_cfg.max_grad_norm is not None else float("inf")
-        grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.train_cfg.max_grad_norm is not None:
+            grad_norm = float(acc.clip_grad_norm_(params, self.train_cfg.max_grad_norm))
+        else:  # the norm only to catch NaN/inf: no clipping pass over the gradients
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         # Under fp16, infinite gradients are the loss scaler's business: it skips the step and lowers the scale.
         grads_ok = math.isfinite(grad_norm) or self.train_cfg.mixed_precision == "fp16"
         if not (math.isfinite(loss) and grads_ok):
