@@ -103,11 +103,12 @@ def run_case(implementation: str, method: str, steps: int, batch: int, length: i
     labels = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(2))
 
     targets = torch.roll(ids, -1, dims=1)
+    from finetune.losses import next_token_loss
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            if implementation == "ours" and method == "instruct":
-                loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1).float(), targets.flatten())
+            if implementation == "ours" and method == "instruct":  # the instruct recipe's loss
+                loss = next_token_loss(model, ids, targets) / targets.numel()
             elif implementation == "ours":
                 loss = torch.nn.functional.cross_entropy(model(ids, mask).float(), labels)
             elif method == "instruct":

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
@@ -29,6 +28,7 @@ from finetune.config import Float, ModelSection, RunConfig, Section, load_config
 from finetune.errors import UserError
 from finetune.files import bundled, jsonl_rows, read_text
 from finetune.generate import generate
+from finetune.losses import IGNORE, next_token_loss
 from finetune.progress import progress
 from finetune.tokenizer import EOT_ID, get_tokenizer
 from finetune.trainable import configure_trainable
@@ -37,7 +37,6 @@ from finetune.trainer import Trainer, check_output_dir, eval_loader, make_accele
 DATA_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data" / "instruction-data" / "instruction-data.json"
 BUNDLED_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
-IGNORE = -100  # targets the loss skips (F.cross_entropy's ignore_index)
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 SPLITS = ("train", "val", "test")
 
@@ -217,8 +216,7 @@ class InstructTask:
     """Next-token cross-entropy summed over the unmasked targets; loss and perplexity per split."""
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        logits = model(batch["input_ids"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
+        return next_token_loss(model, batch["input_ids"], batch["targets"])
 
     def count(self, batch: dict) -> int:
         return int((batch["targets"] != IGNORE).sum())
@@ -228,8 +226,7 @@ class InstructTask:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
         for batch in loader:
-            logits = model(batch["input_ids"]).float()
-            loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
+            loss = next_token_loss(model, batch["input_ids"], batch["targets"])
             total += torch.stack([loss.double(), (batch["targets"] != IGNORE).sum().double()])
         # Every process saw its own share of the split (accelerate pads the last one with repeats,
         # which are few tokens; they are counted, as in most LM evaluations).

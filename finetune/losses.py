@@ -1,0 +1,61 @@
+"""Next-token cross-entropy without the full vocabulary logits.
+
+`F.cross_entropy(hidden @ weight.T, targets)` materialises batch × length × 50,257 logits, then as
+many log-probabilities and gradients: hundreds of megabytes written and read again for a 4 × 256
+batch. Here the logits of a few hundred rows at a time are computed, turned into their loss and,
+while still in cache, into the gradients of `hidden` and `weight`; rows whose target is ignored
+(prompt and padding) are never projected at all. The result equals the plain computation up to
+floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100  # targets the loss skips (F.cross_entropy's ignore_index)
+CHUNK_ROWS = 256  # 256 × 50,257 fp32 logits: 51 MB at a time
+
+
+def next_token_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of a GPT's next-token predictions against `targets` (IGNORE = skip)."""
+    hidden = model(input_ids, return_hidden=True)
+    keep = targets != IGNORE
+    hidden, targets = hidden[keep], targets[keep]
+    head = getattr(model, "module", model).lm_head  # the GPT itself under DistributedDataParallel
+    if type(head) is not nn.Linear or head.bias is not None:  # a LoRA head: its own forward
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    grad = torch.is_grad_enabled()
+    return _ChunkedCrossEntropy.apply(hidden, head.weight, targets, grad and hidden.requires_grad, grad and head.weight.requires_grad)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Loss and the wanted gradients in one pass over row chunks; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                grad_of_hidden: bool, grad_of_weight: bool) -> torch.Tensor:
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if grad_of_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_of_weight else None
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            h, t = hidden[start:start + CHUNK_ROWS], targets[start:start + CHUNK_ROWS]
+            logits = (h @ weight.T).float()  # under autocast the product runs in its precision, as unfused
+            logsumexp = logits.logsumexp(dim=1)
+            loss += (logsumexp - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_of_hidden or grad_of_weight:  # d loss / d logits = softmax - one_hot(target)
+                probs = logits.sub_(logsumexp[:, None]).exp_()
+                probs[torch.arange(len(t), device=t.device), t] -= 1
+                if grad_of_hidden:
+                    grad_hidden[start:start + CHUNK_ROWS] = probs @ weight
+                if grad_of_weight:
+                    grad_weight.addmm_(probs.T, h.to(probs.dtype))  # in place: no temporary vocab x n_embd matrix
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(grad_hidden), scale(grad_weight), None, None, None
