@@ -155,6 +155,13 @@ class Encoded:
         return self.ids[i], self.labels[i]
 
 
+def by_length(data: Encoded) -> Encoded:
+    """The same messages, shortest first, for evaluation: batches of similar lengths carry little
+    padding, and metrics do not depend on the order."""
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    return Encoded([data.ids[i] for i in order], [data.labels[i] for i in order])
+
+
 def encode(messages: list[tuple[int, str]], max_length: int) -> Encoded:
     tokenizer = get_tokenizer()
     ids = [tokenizer.encode_ordinary(text)[:max_length] for _, text in messages]
@@ -248,6 +255,7 @@ def run(config: SpamConfig, quiet: bool = False) -> dict:
     torch.manual_seed(config.train.seed)
     model = build_classifier(config)
     data, max_length = encode_splits(splits, config, model.gpt.config.context_length)
+    data["val"] = by_length(data["val"])
     collate = Collate.for_pool(config.model.pool, max_length)
     cached = {}
     if config.train.cache_features:
@@ -290,7 +298,7 @@ def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | 
     accelerator = accelerator or make_accelerator(config.train)
     model, meta = load_model(kept_checkpoint(out))
     raw = prepare_data(config)
-    data = {split: encode(raw[split], meta["max_length"]) for split in splits}
+    data = {split: by_length(encode(raw[split], meta["max_length"])) for split in splits}
     model = accelerator.prepare(model)
     results = {}
     for split in splits:
