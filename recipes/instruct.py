@@ -262,8 +262,11 @@ def run(config: InstructConfig, quiet: bool = False) -> dict:
     trainer = Trainer(config, accelerator, model, InstructTask(), data["train"], data["val"], collate,
                       meta={"max_length": max_length, "base": base_spec(config)}, quiet=quiet, on_evaluate=show_sample)
     fit = trainer.fit()
+    del trainer, model  # the kept checkpoint is loaded next: one model in memory at a time
+    accelerator.free_memory()
     out = Path(config.output_dir)
     metrics = evaluate_run(out, SPLITS, accelerator)
+    accelerator.free_memory()  # and the model evaluate_run loaded
     if accelerator.is_main_process:
         model, _ = load_model(fit.kept)
         responses = write_responses(model.to(accelerator.device), splits["test"], config, out / "responses.jsonl", quiet)

@@ -269,6 +269,8 @@ def run(config: SpamConfig, quiet: bool = False) -> dict:
         meta={"labels": list(LABELS), "max_length": max_length, "base": base_spec(config)}, quiet=quiet,
     )
     fit = trainer.fit()
+    del trainer, model  # the kept checkpoint is loaded next: one model in memory at a time
+    accelerator.free_memory()
     return report(Path(config.output_dir), config, accelerator, fit.history, quiet, cached)
 
 

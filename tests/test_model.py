@@ -69,3 +69,18 @@ def test_classifier_runs_the_last_block_at_the_pooled_position_only(pool):
         for start in (1, 2):
             features = model.features(ids, start)
             assert torch.allclose(model(hidden=features, index=index, start=start), expected, atol=1e-6)
+
+
+def test_frozen_blocks_build_no_autograd_graph():
+    """With the last block trainable, nothing below it records operations for backward."""
+    from finetune.trainable import mark_trainable
+
+    torch.manual_seed(0)
+    model = GPTClassifier(GPT(GPTConfig(n_embd=48, n_layer=3, n_head=4, context_length=32)), 2)
+    mark_trainable(model, "last_block")
+    outputs = []
+    for block in model.gpt.blocks:
+        block.register_forward_hook(lambda module, args, output: outputs.append(output))
+    logits = model(torch.randint(0, 50257, (2, 10)))
+    assert len(outputs) == 2 and all(out.grad_fn is None for out in outputs)  # the last block runs pooled, hook-free
+    assert logits.grad_fn is not None

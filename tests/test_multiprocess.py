@@ -6,16 +6,18 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from tests.helpers import cli, small_spam_file, tiny_spam_args
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, capsys):
+@pytest.mark.parametrize("trainable", ["all", "last_block"], ids=["full", "last_block_feature_cache"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, capsys, trainable):
     # 82 messages: 56 train (7 global batches of 8: accelerate repeats examples to even out a short
     # last batch, which would differ from one process), 9 val and 17 test (uneven: gathered exactly).
     data = small_spam_file(tmp_path / "sms.tsv", per_label=41)
-    common = ("train.epochs=2", "train.eval_every=3", "train.eval_batch_size=4")
+    common = ("train.epochs=2", "train.eval_every=3", "train.eval_batch_size=4", f"finetune.trainable={trainable}")
     two = tmp_path / "two"
     args = tiny_spam_args(data, two, "train.batch_size=4", *common)
     # accelerate's `--cpu` flag starts one process; its torchrun launcher (`--multi_gpu`) with
@@ -27,6 +29,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, capsys):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
+    assert ("feature cache" in launched.stderr) == (trainable == "last_block"), launched.stderr[-3000:]
 
     one = tmp_path / "one"
     code, _, err = cli(capsys, *tiny_spam_args(data, one, "train.batch_size=8", *common))
@@ -42,7 +45,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, capsys):
     assert steps[0] == steps[1] == list(range(1, 15))  # 56 / 8 = 7 steps an epoch, in both
     losses = [[r["loss"] for r in run if r["split"] == "train"] for run in rows]
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5  # measured 2e-7; a wrong data split gives 5e-3
-    w2, w1 = (load_file(run / "checkpoints" / "step-0000014" / "model.safetensors") for run in (two, one))
+    last = [run / "checkpoints" / "step-0000014" for run in (two, one)]
+    w2, w1 = (load_file(d / "adapter.safetensors" if trainable == "last_block" else d / "model.safetensors") for d in last)
     # Summation order differs across processes; Adam scales near-zero gradients up, so single weights
     # drift by up to ~1e-4 (measured) while losses agree to 2e-7.
     assert max((w2[k] - w1[k]).abs().max().item() for k in w1) < 1e-3
