@@ -8,7 +8,7 @@ real token. Wall time covers everything after the imports: building the model, t
 writing the results. Ours also writes checkpoints, plots and the TF-IDF baseline.
 
     pip install -e ".[bench]"
-    python benchmarks/spam_run.py [--precision fp32 bf16] [--epochs 5]
+    python benchmarks/spam_run.py [--precision fp32 bf16] [--epochs 5] [--implementation ours transformers]
 """
 
 from __future__ import annotations
@@ -166,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--implementation", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
     parser.add_argument("--case", nargs=2, metavar=("IMPL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # one measurement, in this fresh process
@@ -187,7 +188,7 @@ def main() -> None:
     for precision in args.precision:
         peak = matmul_peak(precision)
         results = {}
-        for implementation in ("ours", "transformers"):
+        for implementation in args.implementation:
             command = [sys.executable, __file__, "--case", implementation, precision, "--epochs", str(args.epochs)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:

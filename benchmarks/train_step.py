@@ -27,17 +27,21 @@ BLOCK_MATMUL = 12 * 768 * 768  # qkv 3d², proj d², fc and proj 8d² per block 
 N_LAYER, D, VOCAB = 12, 768, 50257
 
 
-def step_flops(method: str, batch: int, length: int) -> float:
-    """Matmul FLOPs of one step (forward 2·params·tokens plus attention; backward as much again for
-    input gradients and again for weight gradients, where needed)."""
+def step_flops(method: str, batch: int, length: int, implementation: str) -> float:
+    """Matmul FLOPs the step executes (forward 2·params·tokens plus attention; backward as much again
+    for input gradients and again for weight gradients, where needed). Our classifier runs its last
+    block at the pooled position only: keys and values at every position, the rest at one per row."""
     tokens = batch * length
     block = 2 * BLOCK_MATMUL * tokens + 4 * batch * length * length * D  # projections + QKᵀ and AV
+    last = block
+    if implementation == "ours" and method != "instruct":
+        last = 2 * 3 * D * D * tokens + 2 * 9 * D * D * batch + 4 * batch * length * D
     head = 2 * D * VOCAB * tokens if method == "instruct" else 0
-    forward = N_LAYER * block + head
+    forward = (N_LAYER - 1) * block + last + head
     if method in ("full", "instruct"):
         return 3 * forward
     if method == "last_block":
-        return forward + 2 * block
+        return forward + 2 * last
     return 2 * forward  # LoRA: input gradients through every block, tiny weight gradients
 
 
@@ -163,7 +167,7 @@ def main() -> None:
                 results[implementation] = json.loads(done.stdout.strip().splitlines()[-1])
             for implementation, r in results.items():
                 ratio = results["transformers"]["ms"] / r["ms"] if "transformers" in results else float("nan")
-                gflops = step_flops(method, batch, length) / r["ms"] / 1e6
+                gflops = step_flops(method, batch, length, implementation) / r["ms"] / 1e6
                 print(f"| {method} ({batch}x{length}) | {precision} | {implementation} | {r['trainable']:,} | {r['ms']:.0f} | "
                       f"{batch * length / r['ms'] * 1000:.0f} | {gflops:.0f} ({100 * gflops / peak:.0f}%) | "
                       f"{r['peak_mib']:.0f} | {ratio:.2f}x |")

@@ -245,14 +245,21 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def read_meta(directory: Path) -> dict:
+    """What a finetune checkpoint's config.json (or adapter_config.json) records: task, shape, labels, base, …."""
+    directory = Path(directory)
+    meta = read_config(directory, ADAPTER_CONFIG if (directory / ADAPTER_CONFIG).exists() else CONFIG_FILE)
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{directory}: not a finetune checkpoint (config.json has no \"format\": \"{FORMAT}\")")
+    return meta
+
+
 def load_model(directory: Path, dropout: float = 0.0) -> tuple[torch.nn.Module, dict]:
     """Rebuild a model saved by finetune (full weights, or base + adapter), and its config, after
     checking its files against the manifest. `dropout` is a training setting, not part of the checkpoint."""
     directory = Path(directory)
     adapter = (directory / ADAPTER_CONFIG).exists()
-    meta = read_config(directory, ADAPTER_CONFIG if adapter else CONFIG_FILE)
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{directory}: not a finetune checkpoint (config.json has no \"format\": \"{FORMAT}\")")
+    meta = read_meta(directory)
     verify(directory)
     if adapter:
         return _load_adapter_model(directory, dropout)

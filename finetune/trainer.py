@@ -162,7 +162,10 @@ class Trainer:
         self.save_checkpoint()
         if self.state.stopped_early:
             self._print(f"stopped early at step {self.state.step}: no improvement in {cfg.patience} evaluations")
-        return FitResult(kept_checkpoint(self.out), self.state, _read_jsonl(self.out / "metrics.jsonl"))
+        kept = kept_checkpoint(self.out)
+        # End holding the kept (best) weights, as they are evaluated next: no second model in memory.
+        checkpoint.load_weights(self.accelerator.unwrap_model(self.model), kept)
+        return FitResult(kept, self.state, _read_jsonl(self.out / "metrics.jsonl"))
 
     def _loop(self, bar, stop: list[int]) -> None:
         cfg = self.train_cfg

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from evals.generation import reference_metrics
 from evals.plots import plot_curves
 from finetune import build_model
-from finetune.checkpoint import kept_checkpoint, load_model, write_text_atomic
+from finetune.checkpoint import kept_checkpoint, load_model, read_meta, write_text_atomic
 from finetune.config import Float, ModelSection, RunConfig, Section, load_config
 from finetune.errors import UserError
 from finetune.files import bundled, jsonl_rows, read_text
@@ -261,15 +261,12 @@ def run(config: InstructConfig, quiet: bool = False) -> dict:
 
     trainer = Trainer(config, accelerator, model, InstructTask(), data["train"], data["val"], collate,
                       meta={"max_length": max_length, "base": base_spec(config)}, quiet=quiet, on_evaluate=show_sample)
-    fit = trainer.fit()
-    del trainer, model  # the kept checkpoint is loaded next: one model in memory at a time
-    accelerator.free_memory()
+    fit = trainer.fit()  # ends with the kept weights in trainer.model
     out = Path(config.output_dir)
-    metrics = evaluate_run(out, SPLITS, accelerator)
-    accelerator.free_memory()  # and the model evaluate_run loaded
+    metrics = evaluate_run(out, SPLITS, accelerator, trainer.model)
     if accelerator.is_main_process:
-        model, _ = load_model(fit.kept)
-        responses = write_responses(model.to(accelerator.device), splits["test"], config, out / "responses.jsonl", quiet)
+        model = accelerator.unwrap_model(trainer.model)
+        responses = write_responses(model, splits["test"], config, out / "responses.jsonl", quiet)
         metrics["responses"] = {k: v for k, v in reference_metrics(
             [r["response"] for r in responses], [r["output"] for r in responses]).items() if k != "per_example"}
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -285,14 +282,20 @@ def base_spec(config: InstructConfig) -> dict:
     return {"name": config.model.name, "init": config.model.init, "seed": config.train.seed}
 
 
-def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | None = None) -> dict:
-    """Loss and perplexity of a run's kept checkpoint on the given splits."""
+def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | None = None,
+                 model: torch.nn.Module | None = None) -> dict:
+    """Loss and perplexity of a run's kept checkpoint on the given splits (`model`: the prepared
+    model already holding the kept weights, at the end of training)."""
     config = load_config(InstructConfig, out / "config.yaml")
     accelerator = accelerator or make_accelerator(config.train)
-    model, meta = load_model(kept_checkpoint(out))
+    kept = kept_checkpoint(out)
+    if model is None:
+        model, meta = load_model(kept)
+        model = accelerator.prepare(model)
+    else:
+        meta = read_meta(kept)
     records = split_records(read_records(data_path(config.data), config.data), config.data)
     collate = Collate(meta["max_length"], config.data.mask_prompt)
-    model = accelerator.prepare(model)
     batch_size = config.train.eval_batch_size or config.train.batch_size
     return {split: InstructTask().evaluate(model, accelerator.prepare(eval_loader(encode(records[split]), batch_size, collate)),
                                            accelerator) for split in splits}

@@ -23,7 +23,7 @@ from sklearn.model_selection import train_test_split
 from evals.classification import classification_metrics
 from evals.plots import plot_confusion, plot_curves
 from finetune import build_model
-from finetune.checkpoint import kept_checkpoint, load_model, write_text_atomic
+from finetune.checkpoint import kept_checkpoint, load_model, read_meta, write_text_atomic
 from finetune.checkpoint import resolve as resolve_checkpoint
 from finetune.classifier import GPTClassifier
 from finetune.config import Float, FinetuneSection, ModelSection, RunConfig, Section, TrainSection, load_config
@@ -268,16 +268,14 @@ def run(config: SpamConfig, quiet: bool = False) -> dict:
         config, accelerator, model, SpamTask(), data["train"], data["val"], collate,
         meta={"labels": list(LABELS), "max_length": max_length, "base": base_spec(config)}, quiet=quiet,
     )
-    fit = trainer.fit()
-    del trainer, model  # the kept checkpoint is loaded next: one model in memory at a time
-    accelerator.free_memory()
-    return report(Path(config.output_dir), config, accelerator, fit.history, quiet, cached)
+    fit = trainer.fit()  # ends with the kept weights in trainer.model
+    return report(Path(config.output_dir), config, accelerator, fit.history, quiet, cached, trainer.model)
 
 
 def report(out: Path, config: SpamConfig, accelerator: Accelerator, history: list[dict], quiet: bool,
-           cached: dict[str, CachedFeatures]) -> dict:
+           cached: dict[str, CachedFeatures], model: torch.nn.Module) -> dict:
     """Evaluate the kept model on every split beside the baseline; write metrics.json and plots."""
-    metrics = evaluate_run(out, SPLITS, accelerator, cached)
+    metrics = evaluate_run(out, SPLITS, accelerator, cached, model)
     metrics["baseline"] = tfidf_baseline(prepare_data(config))
     if accelerator.is_main_process:
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -290,18 +288,23 @@ def report(out: Path, config: SpamConfig, accelerator: Accelerator, history: lis
 
 
 def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | None = None,
-                 cached: dict[str, CachedFeatures] | None = None) -> dict:
+                 cached: dict[str, CachedFeatures] | None = None, model: torch.nn.Module | None = None) -> dict:
     """Metrics of a run's kept checkpoint on the given splits; the same numbers as at the end of training.
 
-    `cached` holds the features training computed for some splits: the layers below them are frozen,
-    so they hold for the kept model too."""
+    At the end of training, `model` is the prepared model already holding the kept weights, and
+    `cached` the features computed for some splits (the layers below them are frozen, so they hold
+    for the kept weights too); otherwise the checkpoint is loaded."""
     cached = cached or {}
     config = load_config(SpamConfig, out / "config.yaml")
     accelerator = accelerator or make_accelerator(config.train)
-    model, meta = load_model(kept_checkpoint(out))
+    kept = kept_checkpoint(out)
+    if model is None:
+        model, meta = load_model(kept)
+        model = accelerator.prepare(model)
+    else:
+        meta = read_meta(kept)
     raw = prepare_data(config)
     data = {split: by_length(encode(raw[split], meta["max_length"])) for split in splits}
-    model = accelerator.prepare(model)
     results = {}
     for split in splits:
         dataset, collate = data[split], Collate.for_pool(meta["pool"], meta["max_length"])
