@@ -1,4 +1,6 @@
-"""The one checkpoint format: a directory with `model.safetensors` + `config.json`, written atomically.
+"""The one checkpoint format: a directory with `model.safetensors` + `config.json`, written atomically
+(or, for LoRA and partial fine-tunes, the trained tensors only: `adapter.safetensors` +
+`adapter_config.json`, which names the base).
 
 A checkpoint directory is built under a temporary name, every file fsync'd, then renamed into place,
 so it is either complete or absent. Training state (optimizer moments, RNG) is stored as safetensors
@@ -139,7 +141,7 @@ def model_files(model: torch.nn.Module, meta: dict) -> dict[str, Callable[[Path]
     from finetune.lora import lora_config, lora_layers, lora_state_dict
 
     config = {"format": FORMAT, **model.checkpoint_meta(), **meta}
-    partial = lora_layers(model) or any(not p.requires_grad for p in model.parameters())
+    partial = bool(lora_layers(model)) or any(not p.requires_grad for p in model.parameters())
     if partial and "base" in meta:
         config["adapter"] = lora_config(model) if lora_layers(model) else {"layers": []}
         return {

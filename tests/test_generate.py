@@ -79,3 +79,20 @@ def test_overlong_prompt_is_truncated_with_a_warning(models):
     messages = [str(w.message) for w in caught]
     assert any("keeping its last 96" in m for m in messages) and any("room for 1 new tokens" in m for m in messages)
     assert out[0][:96] == long_prompt[-96:] and len(out[0]) == 97
+
+
+def test_bf16_weights_stay_within_bf16_rounding_and_the_cli_uses_them(models, small_hf, capsys):
+    """bf16 weights (--bf16): logits within 2% of fp32 (relative norm; bf16 keeps 8 bits of mantissa)."""
+    from tests.helpers import cli
+
+    ours, _ = models
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        exact = ours(ids).float()
+        bf16 = load_pretrained(small_hf[0]).eval().to(torch.bfloat16)
+        approx = bf16(ids).float()
+    assert ((approx - exact).norm() / exact.norm()).item() < 2e-2
+    tokens = generate(bf16, [PROMPTS[0]], max_new_tokens=5)[0]
+    assert len(tokens) == len(PROMPTS[0]) + 5 and next(bf16.parameters()).dtype == torch.bfloat16
+    code, printed, err = cli(capsys, "generate", "--model", str(small_hf[0]), "--prompt", "Hello", "--max-new-tokens", "4", "--bf16")
+    assert code == 0 and printed.strip(), err
