@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
-from train_step import BLOCK_MATMUL, D, N_LAYER, VOCAB, matmul_peak  # benchmarks/ is this script's directory
+from common import in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
+from train_step import BLOCK_MATMUL, D, N_LAYER, VOCAB
 
 IMPLEMENTATIONS = ("transformers generate", "ours, KV cache", "ours, no cache")
 
@@ -69,7 +67,7 @@ def run_case(name: str, batch: int, prompt_len: int, new: int, repeats: int, dty
             return generate(model, prompt, n, use_cache="no cache" not in name)
     with torch.inference_mode():  # the slow reference path: one timed run after a short warm-up
         seconds = timed(fn, 1, lambda: fn(4)) if "no cache" in name else timed(fn, repeats, fn)
-    return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": seconds, "peak_mib": peak_mib()}
 
 
 def main() -> None:
@@ -96,13 +94,12 @@ def main() -> None:
     for batch in args.batch:
         results = {}
         for name in IMPLEMENTATIONS[:2] if batch > 1 else IMPLEMENTATIONS:  # no cache: batch 1, the book's path
-            command = [sys.executable, __file__, "--case", name, str(batch), "--new-tokens", str(n),
-                       "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats), "--dtype", args.dtype]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"| {name} | {batch} | failed: {done.stderr.strip().splitlines()[-1]} |")
+            result = in_own_process(__file__, "--case", name, str(batch), "--new-tokens", str(n), "--prompt-len",
+                                    str(args.prompt_len), "--repeats", str(args.repeats), "--dtype", args.dtype)
+            if isinstance(result, str):
+                print(f"| {name} | {batch} | failed: {result} |")
                 continue
-            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[name] = result
         for name, r in results.items():
             rate = batch * n / r["seconds"]
             ratio = results["transformers generate"]["seconds"] / r["seconds"] if "transformers generate" in results else float("nan")

@@ -17,16 +17,13 @@ import argparse
 import json
 import math
 import platform
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from train_step import matmul_peak  # benchmarks/ is this script's directory
+from common import in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
 
 D, N_LAYER = 768, 12
 BLOCK = 24 * D * D  # forward matmul FLOPs of one block per token (qkv 6d², proj 2d², MLP 16d²)
@@ -175,7 +172,7 @@ def main() -> None:
             start = time.perf_counter()
             result = (run_ours if args.case[0] == "ours" else run_transformers)(config)
             result["seconds"] = time.perf_counter() - start
-        result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_mib"] = peak_mib()
         print(json.dumps(result))
         return
 
@@ -189,12 +186,11 @@ def main() -> None:
         peak = matmul_peak(precision)
         results = {}
         for implementation in args.implementation:
-            command = [sys.executable, __file__, "--case", implementation, precision, "--epochs", str(args.epochs)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"| {precision} | {implementation} | failed: {done.stderr.strip().splitlines()[-1]} |")
+            result = in_own_process(__file__, "--case", implementation, precision, "--epochs", str(args.epochs))
+            if isinstance(result, str):
+                print(f"| {precision} | {implementation} | failed: {result} |")
                 continue
-            results[implementation] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[implementation] = result
         for implementation, r in results.items():
             flops = run_flops(config, lengths, cached=implementation == "ours")
             ratio = results["transformers"]["seconds"] / r["seconds"] if "transformers" in results else math.nan

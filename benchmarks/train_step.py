@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+
+from common import in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
 
 METHODS = ("full", "last_block", "lora", "instruct")
 SHAPES = {"full": (8, 128), "last_block": (8, 128), "lora": (8, 128), "instruct": (4, 256)}  # batch, length
@@ -45,15 +44,6 @@ def step_flops(method: str, batch: int, length: int, implementation: str) -> flo
     return 2 * forward  # LoRA: input gradients through every block, tiny weight gradients
 
 
-def matmul_peak(precision: str) -> float:
-    """GFLOP/s of a large square matmul on this machine."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
 IMPLEMENTATIONS = ("ours", "transformers")
 
 
@@ -131,7 +121,7 @@ def run_case(implementation: str, method: str, steps: int, batch: int, length: i
         times.append(time.perf_counter() - start)
     return {
         "ms": 1000 * statistics.median(times),
-        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mib": peak_mib(),
         "trainable": sum(p.numel() for p in trainable),
     }
 
@@ -159,12 +149,11 @@ def main() -> None:
             batch, length = SHAPES[method]
             results = {}
             for implementation in IMPLEMENTATIONS:
-                command = [sys.executable, __file__, "--case", implementation, method, precision, "--steps", str(args.steps)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    print(f"| {method} | {precision} | {implementation} | failed: {done.stderr.strip().splitlines()[-1]} |")
+                result = in_own_process(__file__, "--case", implementation, method, precision, "--steps", str(args.steps))
+                if isinstance(result, str):
+                    print(f"| {method} | {precision} | {implementation} | failed: {result} |")
                     continue
-                results[implementation] = json.loads(done.stdout.strip().splitlines()[-1])
+                results[implementation] = result
             for implementation, r in results.items():
                 ratio = results["transformers"]["ms"] / r["ms"] if "transformers" in results else float("nan")
                 gflops = step_flops(method, batch, length, implementation) / r["ms"] / 1e6

@@ -1,0 +1,36 @@
+"""What every benchmark script shares: the matmul peak it reports against, and running one case in a
+fresh process so that the peak memory it reports is that case's own."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def matmul_peak(precision: str) -> float:
+    """GFLOP/s of a large square matmul on this machine."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+
+
+def peak_mib() -> float:
+    """This process's peak resident memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_own_process(script: str, *args: str) -> dict | str:
+    """Run `script` with `args` in a new Python: the JSON object it printed last, or its last error line."""
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        return done.stderr.strip().splitlines()[-1]
+    return json.loads(done.stdout.strip().splitlines()[-1])
