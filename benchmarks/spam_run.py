@@ -31,9 +31,10 @@ BLOCK = 24 * D * D  # forward matmul FLOPs of one block per token (qkv 6d², pro
 
 def spam_config(output_dir: str, epochs: int, precision: str):
     from finetune.config import load_config
-    from recipes.spam import SpamConfig
+    from finetune.recipes import config_path
+    from finetune.recipes.spam import SpamConfig
 
-    config_file = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "spam.yaml"
+    config_file = config_path("spam")
     mixed = "bf16" if precision == "bf16" else "no"
     return load_config(SpamConfig, config_file, [f"output_dir={output_dir}", "model.init=random",
                                                  f"train.epochs={epochs}", f"train.mixed_precision={mixed}"])
@@ -91,7 +92,7 @@ def run_flops(config, lengths: dict[str, list[int]], cached: bool) -> float:
 
 
 def run_ours(config) -> dict:
-    from recipes.spam import run
+    from finetune.recipes.spam import run
 
     metrics = run(config, quiet=True)
     return {"test_accuracy": metrics["test"]["accuracy"]}
@@ -102,7 +103,7 @@ def run_transformers(config) -> dict:
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from recipes.spam import Collate, encode_splits, prepare_data
+    from finetune.recipes.spam import Collate, encode_splits, prepare_data
 
     torch.manual_seed(config.train.seed)
     model = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=50256))
@@ -153,7 +154,7 @@ def run_transformers(config) -> dict:
 
 
 def split_lengths(config) -> dict[str, list[int]]:
-    from recipes.spam import encode_splits, prepare_data
+    from finetune.recipes.spam import encode_splits, prepare_data
 
     data, _ = encode_splits(prepare_data(config), config, 1024)
     return {split: [len(ids) for ids in encoded.ids] for split, encoded in data.items()}

@@ -10,6 +10,7 @@ import warnings
 from finetune.errors import UserError
 
 EXIT_USAGE = 2
+DISTRIBUTION = "finetune-gpt2"  # the name on the package index; `finetune` there is another project
 BF16_HELP = "bf16 weights: half the memory, faster decoding; tokens may differ slightly from fp32"
 
 
@@ -53,14 +54,14 @@ def _weights_dtype(model, args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from recipes import load_run_config, recipe_module
+    from finetune.recipes import load_run_config, recipe_module
 
     config = load_run_config(args.recipe, args.config, args.overrides)
     recipe_module(config.recipe).run(config, quiet=args.quiet)
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from recipes import load_run_config
+    from finetune.recipes import load_run_config
 
     config = load_run_config(None, args.config, args.overrides)
     print(f"# {args.config}: valid {config.recipe} config")
@@ -71,7 +72,7 @@ def _eval(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from recipes import recipe_module
+    from finetune.recipes import recipe_module
 
     run_dir = Path(args.run_dir)
     recipe = _run_recipe(run_dir)
@@ -93,7 +94,7 @@ def _run_recipe(run_dir) -> str:
 
 
 def _classify(args: argparse.Namespace) -> None:
-    from recipes.spam import classify
+    from finetune.recipes.spam import classify
 
     for text, (label, prob) in zip(args.text, classify(args.checkpoint, args.text)):
         print(f"{label}\t{prob:.4f}\t{text}")
@@ -122,7 +123,7 @@ def _respond(args: argparse.Namespace) -> None:
 
     from finetune.checkpoint import kept_checkpoint, load_model
     from finetune.config import load_config
-    from recipes.instruct import InstructConfig, data_path, read_records, split_records, write_responses
+    from finetune.recipes.instruct import InstructConfig, data_path, read_records, split_records, write_responses
 
     run_dir = Path(args.run_dir)
     config = load_config(InstructConfig, run_dir / "config.yaml") if _run_recipe(run_dir) == "instruct" else None
@@ -144,11 +145,11 @@ def _score(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from evals.generation import read_responses, reference_metrics
-    from evals.judge import JudgeClient, judge_all
+    from finetune.evals.generation import read_responses, reference_metrics
+    from finetune.evals.judge import JudgeClient, judge_all
     from finetune.checkpoint import write_text_atomic
     from finetune.progress import progress
-    from recipes.instruct import Record, format_prompt
+    from finetune.recipes.instruct import Record, format_prompt
 
     if bool(args.judge_url) != bool(args.judge_model):
         raise UserError("--judge-url and --judge-model go together")
@@ -182,7 +183,7 @@ def _chat(args: argparse.Namespace) -> None:
 
     from finetune.checkpoint import kept_checkpoint, load_model
     from finetune.config import load_config
-    from recipes.instruct import InstructConfig, Record, respond
+    from finetune.recipes.instruct import InstructConfig, Record, respond
 
     run_dir = Path(args.run_dir)
     if _run_recipe(run_dir) != "instruct":
@@ -205,14 +206,29 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def _recipes(args: argparse.Namespace) -> None:
-    from recipes import presets
+    from finetune.recipes import RECIPES, presets
 
-    for recipe, paths in presets().items():
-        print(f"{recipe}: {', '.join(str(p) for p in paths) or '(no presets)'}")
+    found = presets()
+    width = max(len(p.name) for p in found)
+    for recipe in RECIPES:
+        print(f"{recipe}:")
+        for preset in (p for p in found if p.recipe == recipe):
+            print(f"  {preset.name:<{width}}  {preset.purpose}")
+    print("run one with: finetune run RECIPE --config PRESET [key=value ...]")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{version(DISTRIBUTION)} (distribution {DISTRIBUTION})"
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="finetune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = commands.add_parser("generate", help="continue a prompt with a GPT-2 model")
@@ -230,12 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train a recipe: finetune run spam [--config FILE] [key=value ...]")
     run.add_argument("recipe", help="recipe name (see `finetune recipes`)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
-    run.add_argument("--config", help="YAML config (default: recipes/configs/<recipe>.yaml)")
+    run.add_argument("--config", help="preset name (see `finetune recipes`) or YAML file; default: the preset named after the recipe")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     run.set_defaults(func=_run)
 
     val = commands.add_parser("validate", help="check a config file without running it")
-    val.add_argument("config")
+    val.add_argument("config", help="preset name or YAML file")
     val.add_argument("overrides", nargs="*", metavar="key=value")
     val.set_defaults(func=_validate)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,3 @@ def jsonl_rows(path: Path, text: str) -> list[tuple[int, Any]]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{number}:{e.colno}: malformed JSON ({e.msg})") from e
     return rows
-
-
-def bundled(path: Path, sha256: str, url: str) -> Path:
-    """A data file shipped with finetune, after checking it is the published one."""
-    if hashlib.sha256(Path(path).read_bytes()).hexdigest() != sha256:
-        raise UserError(f"{path}: checksum mismatch; restore it from {url}")
-    return Path(path)

@@ -65,6 +65,20 @@ _BOOK_TOP = {
 }
 
 
+def build_model(name: str, init: str = "pretrained", dropout: float = 0.0) -> GPT:
+    """The model a recipe or command asks for: pretrained weights, or a random init of the same shape.
+
+    `name` is a preset (`gpt2`, …, `gpt2-tiny`), a hub id, a checkpoint directory or a book `.pth`.
+    """
+    if init == "random":
+        if name not in PRESETS:
+            raise UserError(f"model.init=random needs a preset name ({', '.join(PRESETS)}), got '{name}'")
+        return GPT(GPTConfig.from_preset(name, dropout=dropout))
+    if init != "pretrained":
+        raise UserError(f"model.init must be 'pretrained' or 'random', got '{init}'")
+    return load_pretrained(name, dropout=dropout)
+
+
 def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None, dropout: float = 0.0) -> GPT:
     """A `GPT` with weights from a hub id (`gpt2` … `gpt2-xl`, or `owner/repo`), a directory with
     `config.json` + `model.safetensors` (or `pytorch_model.bin`), a book `GPTModel` `.pth` file, or

@@ -1,9 +1,12 @@
 """Recipes: each module defines `Config` (its typed config), `run(config, quiet)`, `evaluate_run(run_dir,
-splits)` and `summary_table(metrics)`. Presets live in `recipes/configs/<name>.yaml`."""
+splits)` and `summary_table(metrics)`. Presets are the YAML files in `configs/`, named by their stem
+(`spam_tiny`); the first comment line of each says what it is for."""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from types import ModuleType
 
@@ -12,8 +15,7 @@ import yaml
 from finetune.config import RunConfig, load_config
 from finetune.errors import UserError
 
-RECIPES = {"spam": "recipes.spam", "instruct": "recipes.instruct"}
-CONFIG_DIR = Path(__file__).parent / "configs"
+RECIPES = {"spam": "finetune.recipes.spam", "instruct": "finetune.recipes.instruct"}
 
 
 def recipe_module(name: str) -> ModuleType:
@@ -22,30 +24,56 @@ def recipe_module(name: str) -> ModuleType:
     return importlib.import_module(RECIPES[name])
 
 
-def presets() -> dict[str, list[Path]]:
-    """Preset YAML files per recipe, by their `recipe:` key."""
-    found: dict[str, list[Path]] = {name: [] for name in RECIPES}
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        recipe = (yaml.safe_load(path.read_text()) or {}).get("recipe")
-        found.setdefault(recipe, []).append(path)
+@dataclass(frozen=True)
+class Preset:
+    name: str  # the file's stem: what `--config NAME` takes
+    recipe: str
+    purpose: str  # the file's first comment line
+    path: Path
+
+
+def config_dir() -> Path:
+    return Path(str(resources.files(__name__).joinpath("configs")))
+
+
+def presets() -> list[Preset]:
+    """The shipped preset configs, by name."""
+    found = []
+    for path in sorted(config_dir().glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        first = text.splitlines()[0] if text else ""
+        purpose = first.lstrip("#").strip() if first.startswith("#") else ""
+        found.append(Preset(path.stem, (yaml.safe_load(text) or {}).get("recipe", ""), purpose, path))
     return found
 
 
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file given by path, or a preset given by name (`spam_tiny`); a path wins when both exist."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    by_name = {p.name: p.path for p in presets()}
+    stem = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and stem in by_name:
+        return by_name[stem]
+    raise UserError(f"{name_or_path}: no such config file or preset; presets: {', '.join(by_name)} "
+                    "(`finetune recipes` says what each is for)")
+
+
 def load_run_config(recipe: str | None, path: str | Path | None, overrides: list[str]) -> RunConfig:
-    """The config for `recipe` from a YAML file (default: the recipe's preset) with overrides on top."""
+    """The config for `recipe` from a YAML file or preset (default: the preset named after the recipe)
+    with overrides on top."""
     if recipe is not None:
         recipe_module(recipe)  # an unknown name is reported as such
     if path is None:
         if recipe is None:
             raise UserError("name a recipe or a config file")
-        path = CONFIG_DIR / f"{recipe}.yaml"
-    path = Path(path)
+        path = recipe
+    path = config_path(path)
     try:
         declared = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("recipe")
     except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
         declared = None  # load_config reports the problem with the file precisely
-    if not path.is_file():
-        raise UserError(f"{path}: no such config file")
     name = recipe or declared
     if name is None:
         raise UserError(f"{path}: no 'recipe:' key; add e.g. 'recipe: spam'")

@@ -20,13 +20,14 @@ from accelerate import Accelerator
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from evals.generation import reference_metrics
-from evals.plots import plot_curves
+from finetune.evals.generation import reference_metrics
+from finetune.evals.plots import plot_curves
 from finetune import build_model
 from finetune.checkpoint import kept_checkpoint, load_model, read_meta, write_text_atomic
 from finetune.config import Float, ModelSection, RunConfig, Section, load_config
 from finetune.errors import UserError
-from finetune.files import bundled, jsonl_rows, read_text
+from finetune.data import INSTRUCTIONS, bundled
+from finetune.files import jsonl_rows, read_text
 from finetune.generate import generate
 from finetune.losses import IGNORE, next_token_loss
 from finetune.progress import progress
@@ -34,9 +35,6 @@ from finetune.tokenizer import EOT_ID, get_tokenizer
 from finetune.trainable import configure_trainable
 from finetune.trainer import Trainer, check_output_dir, eval_loader, make_accelerator
 
-DATA_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
-BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data" / "instruction-data" / "instruction-data.json"
-BUNDLED_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 SPLITS = ("train", "val", "test")
 
@@ -142,7 +140,7 @@ def _record(where: str, row: object, fields: InstructData) -> Record:
 
 
 def data_path(config: InstructData) -> Path:
-    return Path(config.path) if config.path is not None else bundled(BUNDLED_DATA, BUNDLED_SHA256, DATA_URL)
+    return Path(config.path) if config.path is not None else bundled(INSTRUCTIONS)
 
 
 def split_records(records: list[Record], config: InstructData) -> dict[str, list[Record]]:

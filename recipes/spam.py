@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from pydantic import Field, model_validator
 from sklearn.model_selection import train_test_split
 
-from evals.classification import classification_metrics
-from evals.plots import plot_confusion, plot_curves
+from finetune.evals.classification import classification_metrics
+from finetune.evals.plots import plot_confusion, plot_curves
 from finetune import build_model
 from finetune.checkpoint import kept_checkpoint, load_model, read_meta, write_text_atomic
 from finetune.checkpoint import resolve as resolve_checkpoint
@@ -29,14 +29,12 @@ from finetune.classifier import GPTClassifier
 from finetune.config import Float, FinetuneSection, ModelSection, RunConfig, Section, TrainSection, load_config
 from finetune.errors import UserError
 from finetune.features import CachedFeatures, CollateFeatures, cache_splits
-from finetune.files import bundled, read_text
+from finetune.data import SMS_SPAM, bundled
+from finetune.files import read_text
 from finetune.tokenizer import EOT_ID, get_tokenizer
 from finetune.trainable import configure_trainable
 from finetune.trainer import Trainer, check_output_dir, eval_loader, make_accelerator
 
-DATA_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
-BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data" / "sms-spam-collection" / "SMSSpamCollection"
-BUNDLED_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 LABELS = ("ham", "spam")
 SPLITS = ("train", "val", "test")
 
@@ -124,7 +122,7 @@ def read_messages(path: Path) -> list[tuple[int, str]]:
 
 
 def data_path(config: SpamData) -> Path:
-    return Path(config.path) if config.path is not None else bundled(BUNDLED_DATA, BUNDLED_SHA256, DATA_URL)
+    return Path(config.path) if config.path is not None else bundled(SMS_SPAM)
 
 
 def split_messages(messages: list[tuple[int, str]], config: SpamData, seed: int) -> dict[str, list[tuple[int, str]]]:
@@ -192,7 +190,7 @@ class Collate:
 
 
 class SpamTask:
-    """Cross-entropy over one label per message; metrics from evals.classification."""
+    """Cross-entropy over one label per message; metrics from finetune.evals.classification."""
 
     @staticmethod
     def logits(model, batch: dict) -> torch.Tensor:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.data import SMS_SPAM, bundled
 from finetune.cli import main
-from recipes.spam import BUNDLED_DATA
 
 
 def small_spam_file(path: Path, per_label: int = 40) -> Path:
     """The first `per_label` ham and spam lines of the real SMS Spam Collection."""
-    lines = BUNDLED_DATA.read_text(encoding="utf-8").splitlines()
+    lines = bundled(SMS_SPAM).read_text(encoding="utf-8").splitlines()
     ham = [line for line in lines if line.startswith("ham\t")][:per_label]
     spam = [line for line in lines if line.startswith("spam\t")][:per_label]
     path.write_text("\n".join(ham + spam) + "\n", encoding="utf-8")

@@ -62,7 +62,7 @@ def spam(out, data, *extra):
 
 
 def instruct(out, data):
-    return ["run", "instruct", "--quiet", "--config", "recipes/configs/instruct_tiny.yaml", f"output_dir={out}",
+    return ["run", "instruct", "--quiet", "--config", "instruct_tiny", f"output_dir={out}",
             "overwrite=true", f"data.path={data}"]
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.checkpoint import CorruptCheckpoint, verify
-from recipes.spam import SpamTask
+from finetune.recipes.spam import SpamTask
 from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
 
 RUNNER = Path(__file__).parent / "fault_runner.py"

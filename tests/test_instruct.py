@@ -5,9 +5,10 @@ import json
 import pytest
 from rouge_score import rouge_scorer
 
+from finetune.data import INSTRUCTIONS, bundled
 from finetune.errors import UserError
 from finetune.tokenizer import EOT_ID
-from recipes.instruct import BUNDLED_DATA, Collate, Example, InstructData, Record, format_prompt, read_records, split_records
+from finetune.recipes.instruct import Collate, Example, InstructData, Record, format_prompt, read_records, split_records
 from tests.helpers import cli, one_line_error
 
 I = -100
@@ -34,7 +35,7 @@ def test_template_and_book_split():
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\nThe car is fast.\n\n### Response:\n")
     assert "### Input" not in format_prompt(Record("Say hi.", "", "Hi."))
-    splits = split_records(read_records(BUNDLED_DATA, InstructData()), InstructData())
+    splits = split_records(read_records(bundled(INSTRUCTIONS), InstructData()), InstructData())
     assert {k: len(v) for k, v in splits.items()} == {"train": 935, "test": 110, "val": 55}
 
 
@@ -60,13 +61,13 @@ def test_bad_data_is_named(tmp_path, name, content, message):
 
 
 def tiny_instruct_args(out, *extra):
-    return ["run", "instruct", "--quiet", "--config", "recipes/configs/instruct_tiny.yaml", f"output_dir={out}",
+    return ["run", "instruct", "--quiet", "--config", "instruct_tiny", f"output_dir={out}",
             "train.epochs=1", "train.eval_every=0", "generation.max_new_tokens=4", *extra]
 
 
 @pytest.fixture
 def small_data(tmp_path):
-    records = json.loads(BUNDLED_DATA.read_text())[:60]
+    records = json.loads(bundled(INSTRUCTIONS).read_text())[:60]
     path = tmp_path / "instructions.json"
     path.write_text(json.dumps(records))
     return path

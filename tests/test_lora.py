@@ -16,7 +16,7 @@ from finetune.errors import UserError
 from finetune.lora import LoRALinear, apply_lora, merge_lora, unmerge_lora
 from finetune.trainable import parameter_counts
 from finetune.trainer import Trainer, make_accelerator
-from recipes.spam import Collate, SpamConfig, SpamTask, build_classifier, encode_splits, prepare_data
+from finetune.recipes.spam import Collate, SpamConfig, SpamTask, build_classifier, encode_splits, prepare_data
 from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
 
 ALL_BLOCK_LINEARS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]

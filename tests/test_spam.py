@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.data import SMS_SPAM, bundled
 from finetune.checkpoint import load_model
 from finetune.trainer import Trainer
-from recipes.spam import BUNDLED_DATA, SpamConfig, read_messages, split_messages
+from finetune.recipes.spam import SpamConfig, read_messages, split_messages
 from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
 
 
@@ -27,20 +28,20 @@ def weights(directory):
 
 
 def test_bundled_data_has_every_row():
-    messages = read_messages(BUNDLED_DATA)
+    messages = read_messages(bundled(SMS_SPAM))
     assert len(messages) == 5574
     assert sum(label for label, _ in messages) == 747  # 4,827 ham + 747 spam
 
 
 def test_balanced_stratified_split():
     config = SpamConfig().data
-    splits = split_messages(read_messages(BUNDLED_DATA), config, seed=123)
+    splits = split_messages(read_messages(bundled(SMS_SPAM)), config, seed=123)
     sizes = {name: len(split) for name, split in splits.items()}
     assert sum(sizes.values()) == 2 * 747
     assert sizes == {"train": 1045, "val": 150, "test": 299}
     for split in splits.values():  # stratified: half spam in every split
         assert abs(sum(label for label, _ in split) / len(split) - 0.5) < 0.01
-    assert split_messages(read_messages(BUNDLED_DATA), config, seed=123) == splits
+    assert split_messages(read_messages(bundled(SMS_SPAM)), config, seed=123) == splits
 
 
 def test_run_writes_metrics_plots_and_eval_reproduces_them(tmp_path, data, capsys):
@@ -113,7 +114,7 @@ def test_last_block_trains_only_last_block_final_norm_and_head(tmp_path, data, c
     stored = weights(out / "checkpoints" / "step-0000007")
     assert stored and all(name.startswith(trainable) for name in stored)
     first, last = (load_model(out / "checkpoints" / step)[0].state_dict() for step in ("step-0000001", "step-0000007"))
-    from recipes.spam import build_classifier
+    from finetune.recipes.spam import build_classifier
 
     torch.manual_seed(123)
     initial = build_classifier(SpamConfig(model={"name": "gpt2-tiny", "init": "random"})).state_dict()
