@@ -92,9 +92,10 @@ def run_flops(config, lengths: dict[str, list[int]], cached: bool) -> float:
 
 
 def run_ours(config) -> dict:
-    from finetune.recipes.spam import run
+    from finetune.recipes.base import train
+    from finetune.recipes.spam import RECIPE
 
-    metrics = run(config, quiet=True)
+    metrics = train(RECIPE, config, quiet=True)
     return {"test_accuracy": metrics["test"]["accuracy"]}
 
 
@@ -103,7 +104,8 @@ def run_transformers(config) -> dict:
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from finetune.recipes.spam import Collate, encode_splits, prepare_data
+    from finetune.recipes.classification import Collate, encode_splits
+    from finetune.recipes.spam import RECIPE
 
     torch.manual_seed(config.train.seed)
     model = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=50256))
@@ -112,7 +114,7 @@ def run_transformers(config) -> dict:
         module.requires_grad_(True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.train.lr, weight_decay=config.train.weight_decay)
-    data, _ = encode_splits(prepare_data(config), config, 1024)
+    data, _ = encode_splits(RECIPE.prepare(config), config, 1024)
     collate = Collate()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.train.mixed_precision == "bf16")
 
@@ -154,9 +156,10 @@ def run_transformers(config) -> dict:
 
 
 def split_lengths(config) -> dict[str, list[int]]:
-    from finetune.recipes.spam import encode_splits, prepare_data
+    from finetune.recipes.classification import encode_splits
+    from finetune.recipes.spam import RECIPE
 
-    data, _ = encode_splits(prepare_data(config), config, 1024)
+    data, _ = encode_splits(RECIPE.prepare(config), config, 1024)
     return {split: [len(ids) for ids in encoded.ids] for split, encoded in data.items()}
 
 

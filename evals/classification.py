@@ -5,29 +5,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 
 def classification_metrics(
-    labels: Sequence[int], predictions: Sequence[int], label_names: Sequence[str], loss: float | None = None
+    labels: Sequence[int], predictions: Sequence[int], label_names: Sequence[str], loss: float | None = None,
+    positive: int = 1,
 ) -> dict:
-    """Accuracy, precision, recall, F1 and the confusion matrix (rows: true, columns: predicted).
+    """Accuracy, macro and weighted F1, per-class precision/recall/F1/support, and the confusion matrix
+    (rows: true class, columns: predicted class, in `label_names` order).
 
-    With two classes precision/recall/F1 are those of the positive class (index 1, e.g. spam);
-    with more they are macro averages.
+    `precision`, `recall` and `f1` are those of the positive class (`positive`, e.g. spam) when there
+    are two classes, and macro averages when there are more.
     """
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     classes = list(range(len(label_names)))
-    binary = len(classes) == 2
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, predictions, labels=classes, average="binary" if binary else "macro", pos_label=1, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=classes, average=None, zero_division=0)
+    headline = positive if len(classes) == 2 else slice(None)
     metrics = {
         "n": int(len(labels)),
         "accuracy": float(accuracy_score(labels, predictions)),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
+        "precision": float(np.mean(precision[headline])),
+        "recall": float(np.mean(recall[headline])),
+        "f1": float(np.mean(f1[headline])),
+        "macro_f1": float(f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(labels, predictions, labels=classes, average="weighted", zero_division=0)),
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for name, p, r, f, s in zip(label_names, precision, recall, f1, support)},
         "confusion_matrix": confusion_matrix(labels, predictions, labels=classes).tolist(),
         "labels": list(label_names),
     }

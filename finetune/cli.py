@@ -54,10 +54,11 @@ def _weights_dtype(model, args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from finetune.recipes import load_run_config, recipe_module
+    from finetune.recipes import load_run_config, recipe
+    from finetune.recipes.base import train
 
     config = load_run_config(args.recipe, args.config, args.overrides)
-    recipe_module(config.recipe).run(config, quiet=args.quiet)
+    train(recipe(config.recipe), config, quiet=args.quiet)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -72,32 +73,36 @@ def _eval(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from finetune.recipes import recipe_module
+    from finetune.recipes import run_recipe
+    from finetune.recipes.base import evaluate_run
 
-    run_dir = Path(args.run_dir)
-    recipe = _run_recipe(run_dir)
-    module = recipe_module(recipe)
-    metrics = module.evaluate_run(run_dir, tuple(args.split))
-    print(json.dumps(metrics) if args.json else module.summary_table(metrics))
-
-
-def _run_recipe(run_dir) -> str:
-    import yaml
-
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml); pass the output_dir of a finished run")
-    recipe = (yaml.safe_load(config_file.read_text()) or {}).get("recipe")
-    if not recipe:
-        raise UserError(f"{config_file}: no 'recipe:' key")
-    return recipe
+    recipe = run_recipe(Path(args.run_dir))
+    metrics = evaluate_run(recipe, Path(args.run_dir), tuple(args.split))
+    print(json.dumps(metrics) if args.json else recipe.summary_table(metrics))
 
 
 def _classify(args: argparse.Namespace) -> None:
-    from finetune.recipes.spam import classify
+    from pathlib import Path
 
-    for text, (label, prob) in zip(args.text, classify(args.checkpoint, args.text)):
-        print(f"{label}\t{prob:.4f}\t{text}")
+    from finetune.checkpoint import load_model, resolve
+    from finetune.recipes.classification import predict
+
+    if any(not text.strip() for text in args.text):
+        raise UserError("--text is empty; give a text to classify")
+    model, meta = load_model(resolve(Path(args.checkpoint)))
+    probs = predict(model, meta, args.text)
+    for text, p in zip(args.text, probs):
+        print(f"{meta['labels'][int(p.argmax())]}\t{float(p.max()):.4f}\t{text}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from finetune.recipes.classification import predict_file
+
+    rows = predict_file(Path(args.checkpoint), Path(args.data), Path(args.out), args.text_field, args.format,
+                        args.delimiter, args.batch_size)
+    print(f"{rows} predictions written to {args.out}")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -123,10 +128,11 @@ def _respond(args: argparse.Namespace) -> None:
 
     from finetune.checkpoint import kept_checkpoint, load_model
     from finetune.config import load_config
+    from finetune.recipes import run_recipe
     from finetune.recipes.instruct import InstructConfig, data_path, read_records, split_records, write_responses
 
     run_dir = Path(args.run_dir)
-    config = load_config(InstructConfig, run_dir / "config.yaml") if _run_recipe(run_dir) == "instruct" else None
+    config = load_config(InstructConfig, run_dir / "config.yaml") if run_recipe(run_dir).name == "instruct" else None
     if config is None:
         raise UserError(f"{run_dir}: not an instruct run")
     if args.max_new_tokens:
@@ -183,10 +189,11 @@ def _chat(args: argparse.Namespace) -> None:
 
     from finetune.checkpoint import kept_checkpoint, load_model
     from finetune.config import load_config
+    from finetune.recipes import run_recipe
     from finetune.recipes.instruct import InstructConfig, Record, respond
 
     run_dir = Path(args.run_dir)
-    if _run_recipe(run_dir) != "instruct":
+    if run_recipe(run_dir).name != "instruct":
         raise UserError(f"{run_dir}: not an instruct run")
     config = load_config(InstructConfig, run_dir / "config.yaml")
     model = _weights_dtype(load_model(kept_checkpoint(run_dir))[0], args)
@@ -263,8 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     cls = commands.add_parser("classify", help="label texts with a trained classifier")
     cls.add_argument("checkpoint", help="run directory or checkpoint directory")
-    cls.add_argument("--text", action="append", required=True, help="a message to classify (repeatable)")
+    cls.add_argument("--text", action="append", required=True, help="a text to classify (repeatable)")
     cls.set_defaults(func=_classify)
+
+    pred = commands.add_parser("predict", help="classify every text of a file: one CSV row per input with every "
+                                               "class's probability")
+    pred.add_argument("checkpoint", help="run directory or checkpoint directory")
+    pred.add_argument("--data", required=True, help="CSV, TSV, JSON, JSONL, Parquet or raw label<TAB>text file")
+    pred.add_argument("--out", required=True, help="CSV file to write (must not exist)")
+    pred.add_argument("--text-field", help="column holding the text (default: the run's data.text_field, or 'text')")
+    pred.add_argument("--format", choices=["csv", "tsv", "json", "jsonl", "parquet", "raw"], help="default: from the extension")
+    pred.add_argument("--delimiter", help="CSV/TSV field separator")
+    pred.add_argument("--batch-size", type=_positive_int, default=32)
+    pred.set_defaults(func=_predict)
 
     merge = commands.add_parser("merge", help="fold a run's adapter (LoRA, or the layers a partial fine-tune trained) into its base: a plain checkpoint")
     merge.add_argument("run_dir", help="run directory or adapter checkpoint directory")

@@ -1,6 +1,6 @@
-"""Recipes: each module defines `Config` (its typed config), `run(config, quiet)`, `evaluate_run(run_dir,
-splits)` and `summary_table(metrics)`. Presets are the YAML files in `configs/`, named by their stem
-(`spam_tiny`); the first comment line of each says what it is for."""
+"""Recipes: each module defines `RECIPE`, a `finetune.recipes.base.Recipe` (its config, data reader,
+task and report), which `finetune.recipes.base.train` runs. Presets are the YAML files in `configs/`,
+named by their stem (`spam_tiny`); the first comment line of each says what it is for."""
 
 from __future__ import annotations
 
@@ -8,20 +8,35 @@ import importlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 import yaml
 
 from finetune.config import RunConfig, load_config
 from finetune.errors import UserError
 
-RECIPES = {"spam": "finetune.recipes.spam", "instruct": "finetune.recipes.instruct"}
+if TYPE_CHECKING:
+    from finetune.recipes.base import Recipe
+
+RECIPES = {"classification": "finetune.recipes.classification", "spam": "finetune.recipes.spam",
+           "instruct": "finetune.recipes.instruct"}
 
 
-def recipe_module(name: str) -> ModuleType:
+def recipe(name: str) -> "Recipe":
     if name not in RECIPES:
         raise UserError(f"unknown recipe '{name}'; available: {', '.join(RECIPES)}")
-    return importlib.import_module(RECIPES[name])
+    return importlib.import_module(RECIPES[name]).RECIPE
+
+
+def run_recipe(run_dir: Path) -> "Recipe":
+    """The recipe that trained a run directory, from its config.yaml."""
+    config_file = Path(run_dir) / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml); pass the output_dir of a finished run")
+    name = (yaml.safe_load(config_file.read_text()) or {}).get("recipe")
+    if not name:
+        raise UserError(f"{config_file}: no 'recipe:' key")
+    return recipe(name)
 
 
 @dataclass(frozen=True)
@@ -60,23 +75,23 @@ def config_path(name_or_path: str | Path) -> Path:
                     "(`finetune recipes` says what each is for)")
 
 
-def load_run_config(recipe: str | None, path: str | Path | None, overrides: list[str]) -> RunConfig:
-    """The config for `recipe` from a YAML file or preset (default: the preset named after the recipe)
-    with overrides on top."""
-    if recipe is not None:
-        recipe_module(recipe)  # an unknown name is reported as such
+def load_run_config(name: str | None, path: str | Path | None, overrides: list[str]) -> RunConfig:
+    """The config for recipe `name` from a YAML file or preset (default: the preset named after the
+    recipe) with overrides on top."""
+    if name is not None:
+        recipe(name)  # an unknown name is reported as such
     if path is None:
-        if recipe is None:
+        if name is None:
             raise UserError("name a recipe or a config file")
-        path = recipe
+        path = name
     path = config_path(path)
     try:
         declared = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("recipe")
     except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
         declared = None  # load_config reports the problem with the file precisely
-    name = recipe or declared
+    if name and declared and declared != name:
+        raise UserError(f"{path}: recipe '{declared}' does not match the requested recipe '{name}'")
+    name = name or declared
     if name is None:
-        raise UserError(f"{path}: no 'recipe:' key; add e.g. 'recipe: spam'")
-    if recipe and declared and declared != recipe:
-        raise UserError(f"{path}: recipe '{declared}' does not match the requested recipe '{recipe}'")
-    return load_config(recipe_module(name).Config, path, overrides)
+        raise UserError(f"{path}: no 'recipe:' key; add e.g. 'recipe: classification'")
+    return load_config(recipe(name).Config, path, overrides)

@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 
 from finetune.evals.generation import reference_metrics
 from finetune.evals.plots import plot_curves
-from finetune import build_model
-from finetune.checkpoint import kept_checkpoint, load_model, read_meta, write_text_atomic
-from finetune.config import Float, ModelSection, RunConfig, Section, load_config
+from finetune.checkpoint import write_text_atomic
+from finetune.config import Float, ModelSection, RunConfig, Section
 from finetune.errors import UserError
 from finetune.data import INSTRUCTIONS, bundled
 from finetune.files import jsonl_rows, read_text
@@ -32,11 +31,11 @@ from finetune.generate import generate
 from finetune.losses import IGNORE, next_token_loss
 from finetune.progress import progress
 from finetune.tokenizer import EOT_ID, get_tokenizer
-from finetune.trainable import configure_trainable
-from finetune.trainer import Trainer, check_output_dir, eval_loader, make_accelerator
+from finetune.recipes.base import SPLITS, Recipe, Setup
+from finetune.trainer import eval_loader
+from finetune.weights import build_model
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-SPLITS = ("train", "val", "test")
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -236,67 +235,58 @@ class InstructTask:
 # -- the recipe ---------------------------------------------------------------------------------
 
 
-def run(config: InstructConfig, quiet: bool = False) -> dict:
-    check_output_dir(config)
-    accelerator = make_accelerator(config.train)
-    records = read_records(data_path(config.data), config.data)
-    splits = split_records(records, config.data)
-    torch.manual_seed(config.train.seed)
-    model = configure_trainable(build_model(config.model.name, config.model.init, config.model.dropout), config)
-    context = model.config.context_length
-    max_length = min(config.data.max_length or context, context)
-    collate = Collate(max_length, config.data.mask_prompt)
-    data = {name: encode(split) for name, split in splits.items()}
-    trained, masked = trained_tokens(data["train"], collate)
-    if accelerator.is_main_process:
-        tqdm.write(f"training on {trained:,} target tokens ({masked:,} masked: padding"
-                   f"{' and prompts' if config.data.mask_prompt else ''})", file=sys.stderr)
-    sample = splits["val"][0]
+class Instruct(Recipe[InstructConfig, dict]):
+    name, Config = "instruct", InstructConfig
 
-    def show_sample(model) -> None:
-        if not quiet:
-            tqdm.write(f"sample response to {sample.instruction!r}: {respond(model, [sample], config)[0]!r}", file=sys.stderr)
+    def prepare(self, config: InstructConfig) -> dict[str, list[Record]]:
+        return split_records(read_records(data_path(config.data), config.data), config.data)
 
-    trainer = Trainer(config, accelerator, model, InstructTask(), data["train"], data["val"], collate,
-                      meta={"max_length": max_length, "base": base_spec(config)}, quiet=quiet, on_evaluate=show_sample)
-    fit = trainer.fit()  # ends with the kept weights in trainer.model
-    out = Path(config.output_dir)
-    metrics = evaluate_run(out, SPLITS, accelerator, trainer.model)
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(trainer.model)
-        responses = write_responses(model, splits["test"], config, out / "responses.jsonl", quiet)
+    def build_model(self, config: InstructConfig, data: dict) -> torch.nn.Module:
+        return build_model(config.model.name, config.model.init, config.model.dropout)
+
+    def setup(self, config: InstructConfig, data: dict[str, list[Record]], model, accelerator: Accelerator,
+              quiet: bool) -> Setup:
+        context = model.config.context_length
+        max_length = min(config.data.max_length or context, context)
+        collate = Collate(max_length, config.data.mask_prompt)
+        encoded = {name: encode(data[name]) for name in ("train", "val")}
+        trained, masked = trained_tokens(encoded["train"], collate)
+        if accelerator.is_main_process:
+            tqdm.write(f"training on {trained:,} target tokens ({masked:,} masked: padding"
+                       f"{' and prompts' if config.data.mask_prompt else ''})", file=sys.stderr)
+        sample = data["val"][0]
+
+        def show_sample(model) -> None:
+            if not quiet:
+                tqdm.write(f"sample response to {sample.instruction!r}: {respond(model, [sample], config)[0]!r}",
+                           file=sys.stderr)
+
+        return Setup(encoded["train"], encoded["val"], collate, InstructTask(), {"max_length": max_length},
+                     on_evaluate=show_sample)
+
+    def evaluate(self, config: InstructConfig, data: dict[str, list[Record]], model, meta: dict,
+                 splits: tuple[str, ...], accelerator: Accelerator, reuse: dict) -> dict:
+        """Loss and perplexity on each split."""
+        collate = Collate(meta["max_length"], config.data.mask_prompt)
+        batch_size = config.train.eval_batch_size or config.train.batch_size
+        return {split: InstructTask().evaluate(model, accelerator.prepare(eval_loader(encode(data[split]), batch_size, collate)),
+                                               accelerator) for split in splits}
+
+    def report(self, out: Path, config: InstructConfig, data: dict[str, list[Record]], metrics: dict,
+               history: list[dict], model, quiet: bool) -> tuple[dict, list[str]]:
+        """Responses to the test split, scored against the references; report.md and curves.png."""
+        responses = write_responses(model, data["test"], config, out / "responses.jsonl", quiet)
         metrics["responses"] = {k: v for k, v in reference_metrics(
             [r["response"] for r in responses], [r["output"] for r in responses]).items() if k != "per_example"}
-        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
         write_text_atomic(out / "report.md", report_markdown(config, metrics, responses))
-        plot_curves(fit.history, out / "curves.png")
-        if not quiet:
-            print(summary_table(metrics))
-            print(f"results in {out}/metrics.json, responses.jsonl, report.md, curves.png")
-    return metrics
+        plot_curves(history, out / "curves.png")
+        return metrics, ["responses.jsonl", "report.md", "curves.png"]
+
+    def summary_table(self, metrics: dict) -> str:
+        return summary_table(metrics)
 
 
-def base_spec(config: InstructConfig) -> dict:
-    return {"name": config.model.name, "init": config.model.init, "seed": config.train.seed}
-
-
-def evaluate_run(out: Path, splits: tuple[str, ...], accelerator: Accelerator | None = None,
-                 model: torch.nn.Module | None = None) -> dict:
-    """Loss and perplexity of a run's kept checkpoint on the given splits (`model`: the prepared
-    model already holding the kept weights, at the end of training)."""
-    config = load_config(InstructConfig, out / "config.yaml")
-    accelerator = accelerator or make_accelerator(config.train)
-    kept = kept_checkpoint(out)
-    if model is None:
-        model, meta = load_model(kept)
-        model = accelerator.prepare(model)
-    else:
-        meta = read_meta(kept)
-    records = split_records(read_records(data_path(config.data), config.data), config.data)
-    collate = Collate(meta["max_length"], config.data.mask_prompt)
-    batch_size = config.train.eval_batch_size or config.train.batch_size
-    return {split: InstructTask().evaluate(model, accelerator.prepare(eval_loader(encode(records[split]), batch_size, collate)),
-                                           accelerator) for split in splits}
+RECIPE = Instruct()
 
 
 def respond(model, records: list[Record], config: InstructConfig) -> list[str]:

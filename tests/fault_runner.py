@@ -41,9 +41,9 @@ if point == "mid-epoch":  # after the 8th optimizer step (checkpoints of steps 6
 
     after_call(Trainer, "_optimizer_step", 8, wait_forever)
 elif point == "mid-eval":  # inside the 2nd evaluation (the end of epoch 1, before its checkpoint)
-    from finetune.recipes.spam import SpamTask
+    from finetune.recipes.classification import ClassificationTask
 
-    after_call(SpamTask, "evaluate", 2, wait_forever)
+    after_call(ClassificationTask, "evaluate", 2, wait_forever)
 elif point == "mid-checkpoint-write":  # step 6's checkpoint: model written, training state not yet
     import finetune.checkpoint as checkpoint
 

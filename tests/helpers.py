@@ -17,6 +17,14 @@ def small_spam_file(path: Path, per_label: int = 40) -> Path:
     return path
 
 
+def classifier_for(config, labels=("ham", "spam")):
+    """The classifier a classification run builds for `config`, trainable parts chosen."""
+    from finetune.recipes.classification import RECIPE, LabelledData
+    from finetune.trainable import configure_trainable
+
+    return configure_trainable(RECIPE.build_model(config, LabelledData({}, list(labels))), config)
+
+
 def tiny_spam_args(data: Path, out: Path, *extra: str) -> list[str]:
     """CLI arguments for a seconds-long spam run of gpt2-tiny on `data`."""
     return [
@@ -39,3 +47,40 @@ def one_line_error(capsys, *argv: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+TEAMS = ("billing", "shipping", "returns", "technical", "account", "sales")
+_TEAM_WORDS = {
+    "billing": ["invoice", "charge", "refund", "payment", "card", "billed"],
+    "shipping": ["parcel", "courier", "delivery", "tracking", "shipped", "late"],
+    "returns": ["return", "exchange", "label", "broken", "wrong", "size"],
+    "technical": ["error", "crash", "login", "bug", "update", "screen"],
+    "account": ["password", "email", "profile", "username", "settings", "locked"],
+    "sales": ["quote", "discount", "bulk", "pricing", "offer", "plan"],
+}
+_COMMON = ["please", "help", "my", "order", "today", "the", "again", "thanks"]
+
+
+def ticket_frame(classes: int = 6, per_class: int = 20, seed: int = 0):
+    """Support tickets: `ticket_id`, `body` (some with newlines, commas and quotes), `team`."""
+    import random
+
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(per_class):
+        for team in TEAMS[:classes]:
+            words = rng.choices(_TEAM_WORDS[team], k=rng.randint(3, 8)) + rng.choices(_COMMON, k=3)
+            rng.shuffle(words)
+            body = " ".join(words)
+            if i % 3 == 0:
+                body = f'Hello,\n{body}, "urgent", thanks'
+            rows.append({"ticket_id": len(rows) + 1, "body": body, "team": team})
+    return pd.DataFrame(rows)
+
+
+def tiny_classification_args(out: Path, *extra: str) -> list[str]:
+    """CLI arguments for a seconds-long classification run of gpt2-tiny (add data.* settings)."""
+    return ["run", "classification", "--quiet", "--config", "classification_tiny", f"output_dir={out}",
+            "train.epochs=2", "train.batch_size=8", "data.max_length=32", *extra]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.checkpoint import CorruptCheckpoint, verify
-from finetune.recipes.spam import SpamTask
+from finetune.recipes.classification import ClassificationTask
 from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
 
 RUNNER = Path(__file__).parent / "fault_runner.py"
@@ -148,14 +148,14 @@ def test_cut_directory_replacement_is_recovered(reference, tmp_path, capsys):
 
 
 def nan_on_call(monkeypatch, n: int) -> None:
-    original, calls = SpamTask.loss, [0]
+    original, calls = ClassificationTask.loss, [0]
 
     def loss(self, model, batch):
         calls[0] += 1
         value = original(self, model, batch)
         return value * float("nan") if calls[0] == n else value
 
-    monkeypatch.setattr(SpamTask, "loss", loss)
+    monkeypatch.setattr(ClassificationTask, "loss", loss)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):

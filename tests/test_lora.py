@@ -16,8 +16,9 @@ from finetune.errors import UserError
 from finetune.lora import LoRALinear, apply_lora, merge_lora, unmerge_lora
 from finetune.trainable import parameter_counts
 from finetune.trainer import Trainer, make_accelerator
-from finetune.recipes.spam import Collate, SpamConfig, SpamTask, build_classifier, encode_splits, prepare_data
-from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
+from finetune.recipes.classification import ClassificationTask, Collate, encode_splits
+from finetune.recipes.spam import RECIPE, SpamConfig
+from tests.helpers import classifier_for, cli, one_line_error, small_spam_file, tiny_spam_args
 
 ALL_BLOCK_LINEARS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
 IDX = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -109,12 +110,12 @@ def test_training_changes_only_adapters_and_train_modules_and_reloads_exactly(tm
     ])
     accelerator = make_accelerator(config.train)
     torch.manual_seed(config.train.seed)
-    model = build_classifier(config)
+    model = classifier_for(config)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    data, max_length = encode_splits(prepare_data(config), config, model.gpt.config.context_length)
+    data, max_length = encode_splits(RECIPE.prepare(config), config, model.gpt.config.context_length)
     meta = {"labels": ["ham", "spam"], "max_length": max_length,
             "base": {"name": "gpt2-tiny", "init": "random", "seed": config.train.seed}}
-    fit = Trainer(config, accelerator, model, SpamTask(), data["train"], data["val"], Collate(), meta, quiet=True).fit()
+    fit = Trainer(config, accelerator, model, ClassificationTask(["ham", "spam"]), data["train"], data["val"], Collate(), meta, quiet=True).fit()
     for name, p in model.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == ("lora_" in name or name.startswith("head.")), name

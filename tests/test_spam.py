@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from finetune.data import SMS_SPAM, bundled
 from finetune.checkpoint import load_model
 from finetune.trainer import Trainer
-from finetune.recipes.spam import SpamConfig, read_messages, split_messages
+from finetune.recipes.spam import RECIPE, SpamConfig
+from finetune.tables import read_table
+from tests.helpers import classifier_for
 from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
 
 
@@ -28,20 +30,20 @@ def weights(directory):
 
 
 def test_bundled_data_has_every_row():
-    messages = read_messages(bundled(SMS_SPAM))
-    assert len(messages) == 5574
-    assert sum(label for label, _ in messages) == 747  # 4,827 ham + 747 spam
+    frame = read_table(bundled(SMS_SPAM), "raw").frame
+    assert len(frame) == 5574
+    assert (frame["label"] == "spam").sum() == 747  # 4,827 ham + 747 spam
 
 
 def test_balanced_stratified_split():
-    config = SpamConfig().data
-    splits = split_messages(read_messages(bundled(SMS_SPAM)), config, seed=123)
-    sizes = {name: len(split) for name, split in splits.items()}
+    data = RECIPE.prepare(SpamConfig())
+    assert data.labels == ["ham", "spam"]
+    sizes = {name: len(split) for name, split in data.splits.items()}
     assert sum(sizes.values()) == 2 * 747
     assert sizes == {"train": 1045, "val": 150, "test": 299}
-    for split in splits.values():  # stratified: half spam in every split
+    for split in data.splits.values():  # stratified: half spam in every split
         assert abs(sum(label for label, _ in split) / len(split) - 0.5) < 0.01
-    assert split_messages(read_messages(bundled(SMS_SPAM)), config, seed=123) == splits
+    assert RECIPE.prepare(SpamConfig()).splits == data.splits
 
 
 def test_run_writes_metrics_plots_and_eval_reproduces_them(tmp_path, data, capsys):
@@ -114,10 +116,8 @@ def test_last_block_trains_only_last_block_final_norm_and_head(tmp_path, data, c
     stored = weights(out / "checkpoints" / "step-0000007")
     assert stored and all(name.startswith(trainable) for name in stored)
     first, last = (load_model(out / "checkpoints" / step)[0].state_dict() for step in ("step-0000001", "step-0000007"))
-    from finetune.recipes.spam import build_classifier
-
     torch.manual_seed(123)
-    initial = build_classifier(SpamConfig(model={"name": "gpt2-tiny", "init": "random"})).state_dict()
+    initial = classifier_for(SpamConfig(model={"name": "gpt2-tiny", "init": "random"})).state_dict()
     assert initial.keys() == last.keys()
     for name in initial:
         if name.startswith(trainable):
@@ -183,7 +183,7 @@ def test_bad_data_files_name_file_and_line(tmp_path, capsys):
     cases = {
         "notab.tsv": ("ham\tfine\nspam no tab here\n", "notab.tsv:2: no tab"),
         "label.tsv": ("ham\tfine\nham\tok\nspamm\ttypo\n", "label.tsv:3: unknown label 'spamm'"),
-        "empty.tsv": ("", "empty.tsv: no messages"),
+        "empty.tsv": ("", "empty.tsv: no records"),
         "latin1.tsv": (None, "latin1.tsv:2: not UTF-8"),
     }
     for name, (content, message) in cases.items():

@@ -1,0 +1,110 @@
+"""The shape every recipe shares, written once (in the spirit of torchtune's recipe interface).
+
+A recipe is its data reader (`prepare`), its model and task (`build_model`, `setup`), its evaluation
+(`evaluate`) and its report (`report`, `summary_table`). `train` runs them as a story: config ->
+data (read and split once, before any model is built) -> model -> what trains -> train -> evaluate
+the kept weights -> report. `evaluate_run` re-evaluates a finished run the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import Dataset
+
+from finetune.checkpoint import kept_checkpoint, load_model, read_meta, write_text_atomic
+from finetune.config import RunConfig, load_config
+from finetune.trainable import configure_trainable
+from finetune.trainer import Task, Trainer, check_output_dir, make_accelerator
+
+SPLITS = ("train", "val", "test")
+C = TypeVar("C", bound=RunConfig)
+D = TypeVar("D")  # what a recipe's data reader returns
+
+
+@dataclass
+class Setup:
+    """What the trainer needs from a recipe."""
+
+    train: Dataset
+    val: Dataset
+    collate: Callable[[list], dict]
+    task: Task
+    meta: dict[str, Any]  # stored in every checkpoint's config (labels, max_length, …)
+    on_evaluate: Callable[[torch.nn.Module], None] | None = None
+    reuse: dict[str, Any] = field(default_factory=dict)  # work `evaluate` may reuse at the end (cached features)
+
+
+class Recipe(ABC, Generic[C, D]):
+    name: str
+    Config: type[C]
+
+    @abstractmethod
+    def prepare(self, config: C) -> D:
+        """Read, check and split the data: cheap, so that bad data fails before a model is built."""
+
+    @abstractmethod
+    def build_model(self, config: C, data: D) -> torch.nn.Module:
+        """The model before `finetune.trainable` picks what trains."""
+
+    @abstractmethod
+    def setup(self, config: C, data: D, model: torch.nn.Module, accelerator: Accelerator, quiet: bool) -> Setup:
+        """Datasets, collate, task and checkpoint metadata for the trainer."""
+
+    @abstractmethod
+    def evaluate(self, config: C, data: D, model: torch.nn.Module, meta: dict, splits: tuple[str, ...],
+                 accelerator: Accelerator, reuse: dict[str, Any]) -> dict:
+        """Metrics of `model` (prepared, holding the kept weights) on `splits`."""
+
+    @abstractmethod
+    def report(self, out: Path, config: C, data: D, metrics: dict, history: list[dict], model: torch.nn.Module,
+               quiet: bool) -> tuple[dict, list[str]]:
+        """Main process only: add what the report needs to `metrics` and write its files (plots,
+        responses); returns the metrics for metrics.json and the names of the files written."""
+
+    @abstractmethod
+    def summary_table(self, metrics: dict) -> str:
+        """The metrics a person reads first, as aligned text."""
+
+
+def base_spec(config: RunConfig) -> dict:
+    """How to rebuild the base model under an adapter: its name, or (random init) the seed that made it."""
+    return {"name": config.model.name, "init": config.model.init, "seed": config.train.seed}
+
+
+def train(recipe: Recipe, config: RunConfig, quiet: bool = False) -> dict:
+    """Run `recipe` with `config` from data to report; returns the metrics written to metrics.json."""
+    check_output_dir(config)
+    data = recipe.prepare(config)
+    accelerator = make_accelerator(config.train)
+    torch.manual_seed(config.train.seed)
+    model = configure_trainable(recipe.build_model(config, data), config)
+    setup = recipe.setup(config, data, model, accelerator, quiet)
+    trainer = Trainer(config, accelerator, model, setup.task, setup.train, setup.val, setup.collate,
+                      meta={**setup.meta, "base": base_spec(config)}, quiet=quiet, on_evaluate=setup.on_evaluate)
+    fit = trainer.fit()  # ends with the kept weights in trainer.model
+    metrics = recipe.evaluate(config, data, trainer.model, read_meta(fit.kept), SPLITS, accelerator, setup.reuse)
+    if accelerator.is_main_process:
+        out = Path(config.output_dir)
+        metrics, written = recipe.report(out, config, data, metrics, fit.history,
+                                         accelerator.unwrap_model(trainer.model), quiet)
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+        if not quiet:
+            print(recipe.summary_table(metrics))
+            print(f"results in {out}/: {', '.join(['metrics.json', *written])}")
+    return metrics
+
+
+def evaluate_run(recipe: Recipe, out: Path, splits: tuple[str, ...]) -> dict:
+    """Metrics of a finished run's kept checkpoint: the same numbers as at the end of its training."""
+    config = load_config(recipe.Config, Path(out) / "config.yaml")
+    accelerator = make_accelerator(config.train)
+    model, meta = load_model(kept_checkpoint(out))
+    return recipe.evaluate(config, recipe.prepare(config), accelerator.prepare(model), meta, splits, accelerator, {})

@@ -1,0 +1,504 @@
+"""Text classification on your own data: GPT-2 with a classification head (the book's chapter 6),
+any labelled file, any number of classes.
+
+config -> data (CSV/TSV/JSON/JSONL/Parquet or raw label<TAB>text; one file split stratified by
+fractions, or separate train/val/test files; optional undersampling to the rarest class) -> model
+(GPT-2 + an N-way head on the last real token) -> train (last block + final norm + head by default;
+optionally class-weighted) -> evaluate (every split, per-class metrics, beside a TF-IDF + logistic
+regression baseline on the same split) -> report (metrics.json, curves.png, confusion_matrix.png).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from pydantic import Field, model_validator
+
+from finetune.checkpoint import load_model, resolve
+from finetune.classifier import GPTClassifier
+from finetune.config import Float, FinetuneSection, ModelSection, RunConfig, Section, TrainSection
+from finetune.data import BundledFile, bundled
+from finetune.errors import UserError
+from finetune.evals.classification import classification_metrics
+from finetune.evals.plots import plot_confusion, plot_curves
+from finetune.features import CollateFeatures, cache_splits
+from finetune.progress import progress
+from finetune.tables import Format, Table, read_table
+from finetune.tokenizer import EOT_ID, get_tokenizer
+from finetune.trainer import eval_loader
+from finetune.weights import build_model
+from finetune.recipes.base import SPLITS, Recipe, Setup
+
+Example = tuple[int, str]  # (class index, text)
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+class ClassificationData(Section):
+    path: str | None = Field(None, description="one file, split into train/val/test by the fractions below")
+    train_path: str | None = Field(None, description="separate files instead: train_path + val_path (+ test_path)")
+    val_path: str | None = None
+    test_path: str | None = None
+    format: Format | None = Field(None, description="csv, tsv, json, jsonl, parquet or raw (label<TAB>text "
+                                                             "lines, no header or quoting); null = from the extension")
+    delimiter: str | None = Field(None, description="CSV/TSV field separator; null = ',' for csv, tab for tsv")
+    text_field: str = Field("text", description="column holding the text")
+    label_field: str = Field("label", description="column holding the class (a string or an integer)")
+    labels: list[str | int] | None = Field(None, min_length=2, description="the classes in head order; null = "
+                                                                           "sorted from the training data")
+    positive_label: str | int | None = Field(None, description="two classes: the one whose precision/recall/F1 "
+                                                               "are reported; null = the second label")
+    balance: bool = Field(False, description="undersample every class of the training data to the rarest, as the "
+                                             "book does for spam")
+    val_fraction: Float = Field(0.1, gt=0.0, lt=1.0)
+    test_fraction: Float = Field(0.2, gt=0.0, lt=1.0)
+    max_length: int | None = Field(None, ge=1, description="tokens per text; null = longest training text")
+    keep: Literal["start", "end"] = Field("start", description="which end of a longer text is kept")
+
+    @model_validator(mode="after")
+    def _sources(self) -> "ClassificationData":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave some training data (sum < 1)")
+        if self.train_path is not None and self.path is not None:
+            raise ValueError("set data.path (one file to split) or data.train_path/val_path, not both")
+        if (self.train_path is None) != (self.val_path is None) or (self.test_path and not self.train_path):
+            raise ValueError("separate files need data.train_path and data.val_path (data.test_path optional)")
+        return self
+
+
+class ClassifierModel(ModelSection):
+    pool: Literal["last_token", "last_position"] = Field(
+        "last_token", description="read the last real token, or the last position as the book does"
+    )
+
+
+class ClassificationTrain(TrainSection):
+    cache_features: bool = Field(
+        True, description="compute the frozen layers below the first trainable block once per example, not every "
+                          "epoch (only when dropout is 0); costs tokens x n_embd x 4 bytes of memory"
+    )
+    class_weights: Literal["balanced"] | None = Field(
+        None, description="balanced = weight each class's loss by n / (classes x count), as scikit-learn's "
+                          "compute_class_weight('balanced') on the training split"
+    )
+
+
+class ClassificationConfig(RunConfig):
+    recipe: Literal["classification"] = "classification"
+    output_dir: str = "runs/classification"
+    model: ClassifierModel = ClassifierModel()
+    data: ClassificationData = ClassificationData()
+    train: ClassificationTrain = ClassificationTrain()
+    finetune: FinetuneSection = FinetuneSection(trainable="last_block")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelledData:
+    """Every split as (class index, text) pairs, and the class names in head order."""
+
+    splits: dict[str, list[Example]]
+    labels: list[str]
+
+
+def label_name(value: object) -> str | None:
+    """A class as text: `3`, `3.0` and `"3"` are the same class; None/NaN/blank is no label."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return str(int(value)) if float(value).is_integer() else str(float(value))
+    text = str(value)
+    return text if text.strip() else None
+
+
+def sorted_labels(names: set[str]) -> list[str]:
+    """Numeric classes in numeric order (2 before 10), others alphabetically."""
+    if all(name.lstrip("-").isdigit() for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def read_labelled(table: Table, config: ClassificationData) -> list[tuple[str, str, int]]:
+    """(label name, text, row index) per record, every text and label checked."""
+    texts = table.column(config.text_field, "data.text_field").tolist()
+    labels = table.column(config.label_field, "data.label_field").tolist()
+    rows, first_seen, duplicates = [], {}, []
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        name = label_name(label)
+        if name is None:
+            raise UserError(f"{table.where(i)}: missing label in column '{config.label_field}'")
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{table.where(i)}: empty text in column '{config.text_field}'")
+        rows.append((name, text, i))
+        if first_seen.setdefault(text, i) != i:
+            duplicates.append((i, first_seen[text]))
+    if duplicates:
+        i, original = duplicates[0]
+        warnings.warn(f"{table.path}: {len(duplicates)} duplicate text(s) kept, e.g. {table.place(i)} repeats "
+                      f"{table.place(original)}", stacklevel=2)
+    return rows
+
+
+def class_names(rows: list[tuple[str, str, int]], table: Table, config: ClassificationData) -> list[str]:
+    if config.labels is not None:
+        names = [label_name(v) for v in config.labels]
+        if len(set(names)) != len(names) or None in names:
+            raise UserError(f"data.labels {config.labels} must be distinct, non-empty classes")
+    else:
+        names = sorted_labels({name for name, _, _ in rows})
+    if len(names) < 2:
+        raise UserError(f"{table.path}: only one class ('{names[0]}') in column '{config.label_field}'; "
+                        "classification needs two or more (check data.label_field)")
+    return names
+
+
+def index_rows(rows: list[tuple[str, str, int]], table: Table, names: list[str], listed: bool) -> list[Example]:
+    index = {name: i for i, name in enumerate(names)}
+    examples = []
+    for name, text, i in rows:
+        if name not in index:
+            fix = ("add it to data.labels or fix the row" if listed else
+                   "the training data never has it; move such rows into training or fix the label")
+            raise UserError(f"{table.where(i)}: unknown label '{name}' (classes: {', '.join(names)}); {fix}")
+        examples.append((index[name], text))
+    return examples
+
+
+def split_examples(examples: list[Example], names: list[str], config: ClassificationData, seed: int,
+                   where: Path) -> dict[str, list[Example]]:
+    """Optional undersampling to the rarest class, then a stratified, seeded train/val/test split."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount([label for label, _ in examples], minlength=len(names))
+    for name, count in zip(names, counts):
+        if count < 3:
+            raise UserError(f"{where}: fewer than 3 examples of class '{name}' ({count}); the stratified "
+                            "split needs at least one per split")
+    if config.balance:
+        examples = balanced(examples, len(names), seed)
+    labels = [label for label, _ in examples]
+    try:
+        rest, test = train_test_split(examples, test_size=config.test_fraction, stratify=labels, random_state=seed)
+        val_share = config.val_fraction / (1 - config.test_fraction)
+        train, val = train_test_split(rest, test_size=val_share, stratify=[m[0] for m in rest], random_state=seed)
+    except ValueError as e:
+        raise UserError(f"{where}: cannot split {len(examples)} examples of {len(names)} classes by "
+                        f"val_fraction={config.val_fraction}, test_fraction={config.test_fraction} "
+                        f"({' '.join(str(e).split())}); add data or change the fractions") from e
+    return {"train": train, "val": val, "test": test}
+
+
+def balanced(examples: list[Example], classes: int, seed: int) -> list[Example]:
+    """Every class undersampled to the size of the rarest (the book's method for spam)."""
+    by_label = [[m for m in examples if m[0] == i] for i in range(classes)]
+    smallest = min(len(group) for group in by_label)
+    rng = random.Random(seed)
+    return [m for group in by_label for m in rng.sample(group, smallest)]
+
+
+def class_weights(train: list[Example], classes: int) -> torch.Tensor:
+    """n / (classes x count per class): scikit-learn's compute_class_weight('balanced')."""
+    counts = torch.bincount(torch.tensor([label for label, _ in train]), minlength=classes).double()
+    if (counts == 0).any():
+        raise UserError("train.class_weights=balanced: a class has no training example; add data or drop the class")
+    return (counts.sum() / (classes * counts)).float()
+
+
+@dataclass
+class Encoded:
+    """Token ids per text, truncated to a fixed maximum."""
+
+    ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        return self.ids[i], self.labels[i]
+
+
+def by_length(data: Encoded) -> Encoded:
+    """The same texts, shortest first, for evaluation: batches of similar lengths carry little
+    padding, and metrics do not depend on the order."""
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    return Encoded([data.ids[i] for i in order], [data.labels[i] for i in order])
+
+
+def tokenize(texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts at once (tiktoken's batch encoding, on every core)."""
+    return get_tokenizer().encode_ordinary_batch(texts)
+
+
+def truncate(ids: list[int], max_length: int, keep: str) -> list[int]:
+    return ids[:max_length] if keep == "start" else ids[-max_length:]
+
+
+def encode(examples: list[Example], max_length: int, keep: str = "start") -> Encoded:
+    ids = tokenize([text for _, text in examples])
+    return Encoded([truncate(row, max_length, keep) for row in ids], [label for label, _ in examples])
+
+
+def encode_splits(data: LabelledData, config: ClassificationConfig, context: int,
+                  splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, Encoded], int]:
+    """Token ids of `splits` (train among them), cut to data.max_length: by default the longest
+    training text, within the model's context."""
+    ids = {s: tokenize([text for _, text in data.splits[s]]) for s in splits if s in data.splits}
+    max_length = config.data.max_length or min(max(map(len, ids["train"])), context)
+    if max_length > context:
+        raise UserError(f"data.max_length={max_length} exceeds the model's context length {context}")
+    encoded = {s: Encoded([truncate(row, max_length, config.data.keep) for row in rows],
+                          [label for label, _ in data.splits[s]]) for s, rows in ids.items()}
+    return encoded, max_length
+
+
+class Collate:
+    """Right-pads with <|endoftext|> to the longest text of the batch (or to `pad_to`)."""
+
+    def __init__(self, pad_to: int | None = None) -> None:
+        self.pad_to = pad_to
+
+    @classmethod
+    def for_pool(cls, pool: str, max_length: int) -> "Collate":
+        """The book's last-position pooling needs every text padded to the same length."""
+        return cls(max_length if pool == "last_position" else None)
+
+    def __call__(self, batch: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        width = self.pad_to or max(len(ids) for ids, _ in batch)
+        return {
+            "input_ids": torch.tensor([ids + [EOT_ID] * (width - len(ids)) for ids, _ in batch]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch]),
+            "labels": torch.tensor([label for _, label in batch]),
+        }
+
+
+# -- task ---------------------------------------------------------------------------------------
+
+
+class ClassificationTask:
+    """Cross-entropy over one label per text (optionally class-weighted); metrics from finetune.evals."""
+
+    def __init__(self, labels: list[str], weights: torch.Tensor | None = None, positive: int = 1) -> None:
+        self.labels, self.weights, self.positive = labels, weights, positive
+
+    @staticmethod
+    def logits(model, batch: dict) -> torch.Tensor:
+        """From token ids, or from cached features (finetune.features)."""
+        if "hidden" in batch:
+            return model(hidden=batch["hidden"], index=batch["index"], start=batch["start"])
+        return model(batch["input_ids"], batch["attention_mask"])
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """Summed; with class weights each example counts its class's weight, as in F.cross_entropy."""
+        logits = self.logits(model, batch).float()
+        weights = None if self.weights is None else self.weights.to(logits.device)
+        return F.cross_entropy(logits, batch["labels"], weight=weights, reduction="sum")
+
+    def count(self, batch: dict) -> float:
+        """Examples, or their summed class weights: the trainer divides the loss by this."""
+        if self.weights is None:
+            return len(batch["labels"])
+        return float(self.weights[batch["labels"].cpu()].sum())
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, accelerator: Accelerator) -> dict:
+        model.eval()
+        all_logits, all_labels = [], []
+        for batch in loader:
+            logits = self.logits(model, batch).float()
+            logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+        logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+        loss = F.cross_entropy(logits, labels).item()
+        return classification_metrics(labels.tolist(), logits.argmax(-1).tolist(), self.labels, loss, self.positive)
+
+
+# -- the recipe ---------------------------------------------------------------------------------
+
+
+class Classification(Recipe[ClassificationConfig, LabelledData]):
+    """`bundled`: the data file used when a config names none (the SMS spam preset)."""
+
+    def __init__(self, name: str, config: type[ClassificationConfig], bundled_data: BundledFile | None = None) -> None:
+        self.name, self.Config, self.bundled = name, config, bundled_data
+
+    def prepare(self, config: ClassificationConfig) -> LabelledData:
+        d = config.data
+        if d.train_path is None:
+            if d.path is None and self.bundled is None:
+                raise UserError("no data: set data.path (one file, split by fractions) or data.train_path and "
+                                "data.val_path (separate files)")
+            table = read_table(d.path or bundled(self.bundled), d.format, d.delimiter)
+            rows = read_labelled(table, d)
+            names = class_names(rows, table, d)
+            examples = index_rows(rows, table, names, d.labels is not None)
+            return LabelledData(split_examples(examples, names, d, config.train.seed, table.path), names)
+        paths = {"train": d.train_path, "val": d.val_path, "test": d.test_path}
+        tables = {s: read_table(p, d.format, d.delimiter, f"data.{s}_path") for s, p in paths.items() if p}
+        rows = {s: read_labelled(t, d) for s, t in tables.items()}
+        names = class_names(rows["train"], tables["train"], d)
+        splits = {s: index_rows(rows[s], tables[s], names, d.labels is not None) for s in tables}
+        if d.balance:
+            splits["train"] = balanced(splits["train"], len(names), config.train.seed)
+        return LabelledData(splits, names)
+
+    def build_model(self, config: ClassificationConfig, data: LabelledData) -> GPTClassifier:
+        gpt = build_model(config.model.name, config.model.init, config.model.dropout)
+        return GPTClassifier(gpt, num_classes=len(data.labels), pool=config.model.pool)
+
+    def setup(self, config: ClassificationConfig, data: LabelledData, model: GPTClassifier,
+              accelerator: Accelerator, quiet: bool) -> Setup:
+        encoded, max_length = encode_splits(data, config, model.gpt.config.context_length, ("train", "val"))
+        encoded["val"] = by_length(encoded["val"])
+        keep = config.data.keep
+        collate = Collate.for_pool(config.model.pool, max_length)
+        cached = {}
+        if config.train.cache_features:
+            eval_bs = config.train.eval_batch_size or config.train.batch_size
+            cached = cache_splits(model, encoded, collate, eval_bs, accelerator, quiet)
+        if cached:
+            encoded.update(cached)
+            collate = CollateFeatures(cached["train"].start)
+        weights = class_weights(data.splits["train"], len(data.labels)) if config.train.class_weights else None
+        task = ClassificationTask(data.labels, weights, positive_index(config, data.labels))
+        meta = {"labels": data.labels, "max_length": max_length, "keep": keep, "text_field": config.data.text_field}
+        return Setup(encoded["train"], encoded["val"], collate, task, meta, reuse={"cached": cached})
+
+    def evaluate(self, config: ClassificationConfig, data: LabelledData, model, meta: dict,
+                 splits: tuple[str, ...], accelerator: Accelerator, reuse: dict) -> dict:
+        """At the end of training, `reuse["cached"]` holds the features computed for some splits (the
+        layers below them are frozen, so they hold for the kept weights too)."""
+        cached = reuse.get("cached") or {}
+        task = ClassificationTask(meta["labels"], positive=positive_index(config, meta["labels"]))
+        batch_size = config.train.eval_batch_size or config.train.batch_size
+        results = {}
+        for split in (s for s in splits if s in data.splits):
+            if split in cached:
+                dataset, collate = cached[split], CollateFeatures(cached[split].start)
+            else:
+                dataset = by_length(encode(data.splits[split], meta["max_length"], meta.get("keep", "start")))
+                collate = Collate.for_pool(meta["pool"], meta["max_length"])
+            loader = accelerator.prepare(eval_loader(dataset, batch_size, collate))
+            results[split] = task.evaluate(model, loader, accelerator)
+        return results
+
+    def report(self, out: Path, config: ClassificationConfig, data: LabelledData, metrics: dict,
+               history: list[dict], model, quiet: bool) -> tuple[dict, list[str]]:
+        metrics["baseline"] = tfidf_baseline(data, positive_index(config, data.labels))
+        plot_curves(history, out / "curves.png", metric="accuracy")
+        shown = "test" if "test" in metrics else "val"
+        plot_confusion(metrics[shown]["confusion_matrix"], data.labels, out / "confusion_matrix.png",
+                       f"{shown.capitalize()} confusion matrix")
+        return metrics, ["curves.png", "confusion_matrix.png"]
+
+    def summary_table(self, metrics: dict) -> str:
+        rows = [f"{'':<22}{'accuracy':>10}{'f1':>8}{'macro f1':>10}{'loss':>8}"]
+        named = [(f"GPT-2 {s}", metrics[s]) for s in SPLITS if s in metrics]
+        baseline = metrics.get("baseline", {})
+        named += [(f"TF-IDF+LR {s}", baseline[s]) for s in ("test",) if s in baseline]
+        for name, m in named:
+            rows.append(f"{name:<22}{m['accuracy']:>10.2%}{m['f1']:>8.3f}{m['macro_f1']:>10.3f}{m['loss']:>8.3f}")
+        last = next((metrics[s] for s in ("test", "val") if s in metrics), None)
+        if last and len(last["labels"]) > 2:
+            rows.append(f"\n{'class':<22}{'precision':>10}{'recall':>8}{'f1':>10}{'support':>8}")
+            for name, c in last["per_class"].items():
+                rows.append(f"{name[:21]:<22}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>10.3f}{c['support']:>8}")
+        return "\n".join(rows)
+
+
+def positive_index(config: ClassificationConfig, labels: list[str]) -> int:
+    """Binary tasks: the class whose precision/recall/F1 are reported (default: the second)."""
+    if config.data.positive_label is None:
+        return 1
+    name = label_name(config.data.positive_label)
+    if name not in labels:
+        raise UserError(f"data.positive_label '{name}' is not a class ({', '.join(labels)})")
+    return labels.index(name)
+
+
+def tfidf_baseline(data: LabelledData, positive: int = 1) -> dict:
+    """TF-IDF (word 1-2 grams) + logistic regression trained on the same training split."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    features = vectorizer.fit_transform([text for _, text in data.splits["train"]])
+    classifier = LogisticRegression(C=10.0, max_iter=1000).fit(features, [label for label, _ in data.splits["train"]])
+    seen = list(classifier.classes_)  # classes with training examples, in index order
+    results = {}
+    for name, split in data.splits.items():
+        labels = [label for label, _ in split]
+        probs = np.zeros((len(split), len(data.labels)))
+        probs[:, seen] = classifier.predict_proba(vectorizer.transform([text for _, text in split]))
+        loss = log_loss(labels, probs, labels=list(range(len(data.labels))))
+        results[name] = classification_metrics(labels, probs.argmax(1).tolist(), data.labels, loss, positive)
+    return results
+
+
+Config = ClassificationConfig
+RECIPE = Classification("classification", ClassificationConfig)
+
+
+# -- predictions --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(model: GPTClassifier, meta: dict, texts: list[str], batch_size: int = 32, quiet: bool = True) -> torch.Tensor:
+    """Class probabilities `(len(texts), classes)` in input order, batched shortest-first."""
+    if meta.get("task") != "classification":
+        raise UserError(f"a {meta.get('task')} checkpoint, not a classifier; give a classification run")
+    encoded = encode([(0, text) for text in texts], meta["max_length"], meta.get("keep", "start"))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded.ids[i]))
+    collate = Collate.for_pool(meta["pool"], meta["max_length"])
+    probs = torch.empty(len(texts), meta["num_classes"])
+    model.eval()
+    for start in progress(range(0, len(order), batch_size), "predicting", quiet):
+        rows = order[start:start + batch_size]
+        batch = collate([encoded[i] for i in rows])
+        probs[rows] = model(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
+    return probs
+
+
+def predict_file(source: Path, data: Path, out: Path, text_field: str | None = None, fmt: str | None = None,
+                 delimiter: str | None = None, batch_size: int = 32) -> int:
+    """Write `out` (CSV): per input row its text, the predicted class, its probability and every
+    class's probability (`p_<class>`). Returns the number of rows."""
+    if out.exists():
+        raise UserError(f"{out} exists; choose a new file for the predictions")
+    model, meta = load_model(resolve(source))
+    if meta.get("task") != "classification":
+        raise UserError(f"{source}: a {meta.get('task')} checkpoint, not a classifier")
+    table = read_table(data, fmt, delimiter, setting="--data")
+    texts = table.column(text_field or meta.get("text_field", "text"), "--text-field").tolist()
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{table.where(i)}: empty text; every row needs a text to classify")
+    probs = predict(model, meta, texts, batch_size, quiet=False)
+    best = probs.argmax(-1)
+    frame = pd.DataFrame({"text": texts, "predicted": [meta["labels"][i] for i in best.tolist()],
+                          "probability": probs.max(-1).values.numpy()})
+    for i, name in enumerate(meta["labels"]):
+        frame[f"p_{name}"] = probs[:, i].numpy()
+    tmp = out.with_name(f".tmp-{out.name}")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(out)
+    return len(frame)
