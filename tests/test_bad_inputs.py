@@ -47,9 +47,26 @@ def files(tmp_path_factory):
         "responses.jsonl": '{"instruction": "a", "output": "b"}\n',
         "config.json": "{}",
     }
+    tickets = "body,team\n" + "".join(f'"ticket {i}{team},\nline two",{team}\n' for i in range(4) for team in "abc")
+    contents.update({
+        "tickets.csv": tickets,
+        "emptytext.csv": tickets + '"   ",a\n',
+        "nolabel.csv": tickets + "text without a team,\n",
+        "oneclass.csv": "body,team\n" + "".join(f"ticket {i},a\n" for i in range(9)),
+        "malformed.csv": "body,team\nfine,a\ntoo,many,fields\n",
+        "semicolons.csv": "body;team\nfine;a\nalso fine;b\n",
+        "numbers.json": "[1, 2, 3]",
+        "object_tickets.json": '{"body": "x", "team": "a"}',
+        "train_ab.csv": "body,team\n" + "".join(f"t{i}{team},{team}\n" for i in range(3) for team in "ab"),
+        "val_c.csv": "body,team\nfine,a\nnew team,c\n",
+        "broken.parquet": "PAR1 this is not a parquet file",
+    })
     for name, text in contents.items():
         (root / name).write_text(text)
     (root / "latin1.tsv").write_bytes(b"ham\tok\nspam\tcaf\xe9\n")
+    (root / "latin1.csv").write_bytes(b"body,team\nok,a\ncaf\xe9,b\n")
+    import pandas as pd
+    pd.DataFrame({"body": ["x", "y", "z"], "team": ["a", None, "b"]}).to_parquet(root / "nanlabel.parquet")
     corrupt = root / "corrupt_ckpt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}))
@@ -59,6 +76,11 @@ def files(tmp_path_factory):
 
 def spam(out, data, *extra):
     return tiny_spam_args(data, out, "overwrite=true", *extra)
+
+
+def classification(out, data, *extra):
+    return ["run", "classification", "--quiet", "--config", "classification_tiny", f"output_dir={out}",
+            "overwrite=true", f"data.path={data}", "data.text_field=body", "data.label_field=team", *extra]
 
 
 def instruct(out, data):
@@ -82,6 +104,32 @@ CASES = [
     ("json-not-a-list", lambda o, d, f: instruct(o, f / "object.json"), "object.json: expected a JSON list"),
     ("jsonl-malformed-line", lambda o, d, f: instruct(o, f / "malformed.jsonl"), "malformed.jsonl:2:"),
     ("json-wrong-type", lambda o, d, f: instruct(o, f / "number.json"), "'instruction' must be a string"),
+    ("table-missing-column", lambda o, d, f: classification(o, f / "tickets.csv", "data.text_field=message"),
+     "tickets.csv: no column 'message' (columns: body, team); set data.text_field"),
+    ("table-empty-text", lambda o, d, f: classification(o, f / "emptytext.csv"), "emptytext.csv: row 13: empty text in column 'body'"),
+    ("table-missing-label", lambda o, d, f: classification(o, f / "nolabel.csv"), "nolabel.csv: row 13: missing label"),
+    ("table-nan-label", lambda o, d, f: classification(o, f / "nanlabel.parquet"), "nanlabel.parquet: row 2: missing label"),
+    ("table-unseen-label", lambda o, d, f: classification(o, "null", f"data.train_path={f / 'train_ab.csv'}",
+                                                          f"data.val_path={f / 'val_c.csv'}"),
+     "val_c.csv: row 2: unknown label 'c' (classes: a, b); the training data never has it"),
+    ("table-one-class", lambda o, d, f: classification(o, f / "oneclass.csv"), "oneclass.csv: only one class ('a')"),
+    ("table-labels-miss-one", lambda o, d, f: classification(o, f / "tickets.csv", "data.labels=[a, b]"),
+     "tickets.csv: row 3: unknown label 'c' (classes: a, b); add it to data.labels"),
+    ("table-malformed-csv", lambda o, d, f: classification(o, f / "malformed.csv"), "malformed.csv: malformed CSV (Expected 2 fields in line 3, saw 3)"),
+    ("table-wrong-delimiter", lambda o, d, f: classification(o, f / "semicolons.csv"), "semicolons.csv: one column found with delimiter ','"),
+    ("table-not-utf8", lambda o, d, f: classification(o, f / "latin1.csv"), "latin1.csv:3: not UTF-8"),
+    ("table-broken-parquet", lambda o, d, f: classification(o, f / "broken.parquet"), "broken.parquet: cannot read as Parquet"),
+    ("table-json-not-objects", lambda o, d, f: classification(o, f / "numbers.json"), "numbers.json: record 1: expected a JSON object"),
+    ("table-json-not-a-list", lambda o, d, f: classification(o, f / "object_tickets.json"), "object_tickets.json: expected a JSON list of objects"),
+    ("table-unknown-extension", lambda o, d, f: classification(o, f / "config.json.bak"), "cannot tell the format"),
+    ("table-both-sources", lambda o, d, f: classification(o, f / "tickets.csv", f"data.train_path={f / 'tickets.csv'}"),
+     "set data.path (one file to split) or data.train_path/val_path, not both"),
+    ("table-no-data", lambda o, d, f: ["run", "classification", "--config", "classification_tiny", f"output_dir={o}", "overwrite=true"],
+     "no data: set data.path"),
+    ("predict-out-exists", lambda o, d, f: ["predict", str(o), "--data", str(f / "tickets.csv"), "--out", str(f / "tickets.csv")],
+     "tickets.csv exists; choose a new file"),
+    ("predict-missing-column", lambda o, d, f: ["predict", str(o), "--data", str(f / "tickets.csv"), "--out", str(f / "p.csv")],
+     "tickets.csv: no column 'text' (columns: body, team); set --text-field"),
     # config
     ("config-unknown-key", lambda o, d, f: spam(o, d, "train.epoch=3"), "override train.epoch: unknown key"),
     ("config-wrong-type", lambda o, d, f: spam(o, d, "train.batch_size=eight"), "override train.batch_size"),

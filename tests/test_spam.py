@@ -15,8 +15,8 @@ from finetune.checkpoint import load_model
 from finetune.trainer import Trainer
 from finetune.recipes.spam import RECIPE, SpamConfig
 from finetune.tables import read_table
-from tests.helpers import classifier_for
-from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
+from tests.helpers import (classifier_for, cli, one_line_error, small_spam_file, ticket_frame, tiny_classification_args,
+                           tiny_spam_args)
 
 
 @pytest.fixture
@@ -133,12 +133,20 @@ def test_last_block_trains_only_last_block_final_norm_and_head(tmp_path, data, c
     assert all(torch.equal(merged[name], best[name]) for name in merged) and len(merged) == len(best) - 1  # lm_head is tied
 
 
-def test_feature_cache_gives_the_same_run(tmp_path, data, capsys):
-    """Frozen layers computed once per example give the run that recomputes them every step."""
+@pytest.mark.parametrize("classes", [2, 5])
+def test_feature_cache_gives_the_same_run(tmp_path, data, capsys, classes):
+    """Frozen layers computed once per example give the run that recomputes them every step
+    (SMS spam, and 5 classes of tickets from a CSV)."""
+    if classes == 2:
+        run_args = lambda out, *extra: tiny_spam_args(data, out, *extra)  # noqa: E731
+    else:
+        ticket_frame(classes=5, per_class=16).to_csv(tmp_path / "tickets.csv", index=False)
+        run_args = lambda out, *extra: tiny_classification_args(  # noqa: E731
+            out, f"data.path={tmp_path / 'tickets.csv'}", "data.text_field=body", "data.label_field=team", *extra)
     runs = {}
     for cache in ("true", "false"):
         out = tmp_path / cache
-        args = tiny_spam_args(data, out, "finetune.trainable=last_block", "train.eval_every=3", f"train.cache_features={cache}")
+        args = run_args(out, "finetune.trainable=last_block", "train.eval_every=3", f"train.cache_features={cache}")
         code, _, err = cli(capsys, *args)
         assert code == 0, err
         assert ("feature cache: blocks 0-0 are frozen" in err) == (cache == "true"), err
@@ -146,6 +154,7 @@ def test_feature_cache_gives_the_same_run(tmp_path, data, capsys):
         runs[cache] = rows, json.loads((out / "metrics.json").read_text()), weights(out / "best")
     (rows, metrics, best), (plain_rows, plain_metrics, plain_best) = runs["true"], runs["false"]
     assert [r["split"] for r in rows] == [r["split"] for r in plain_rows] and len(rows) == 20
+    assert len(metrics["test"]["labels"]) == classes
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(rows, plain_rows)) < 1e-5
     assert [r.get("accuracy") for r in rows] == [r.get("accuracy") for r in plain_rows]
     for split in ("train", "val", "test"):
@@ -159,7 +168,7 @@ def test_feature_cache_gives_the_same_run(tmp_path, data, capsys):
 
     # Nothing to cache when the frozen layers draw dropout noise, or when every layer trains.
     for extra in (("finetune.trainable=last_block", "model.dropout=0.1"), ("finetune.trainable=all",)):
-        code, _, err = cli(capsys, *tiny_spam_args(data, tmp_path / "other", "train.epochs=1", "overwrite=true", *extra))
+        code, _, err = cli(capsys, *run_args(tmp_path / "other", "train.epochs=1", "overwrite=true", *extra))
         assert code == 0 and "feature cache" not in err, err
 
 
