@@ -15,9 +15,8 @@ import statistics
 import time
 
 import torch
-
 from common import in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
-from train_step import BLOCK_MATMUL, D, N_LAYER, VOCAB
+from train_step import BLOCK_MATMUL, N_LAYER, VOCAB, D
 
 IMPLEMENTATIONS = ("transformers generate", "ours, KV cache", "ours, no cache")
 

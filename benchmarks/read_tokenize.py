@@ -72,7 +72,7 @@ def main() -> None:
         size = path.stat().st_size / 2**20
         print(f"{args.rows:,} rows, {size:,.0f} MiB CSV; {platform.processor() or platform.machine()}, "
               f"{_cpu_name()}", file=sys.stderr)
-        print(f"| tokenization | rows | tokens | read + check (s) | tokenize (s) | rows/s overall | tokenize MB/s | peak MiB |")
+        print("| tokenization | rows | tokens | read + check (s) | tokenize (s) | rows/s overall | tokenize MB/s | peak MiB |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for how in ("recipe", "tiktoken-batch", "per-row"):
             r = in_own_process(__file__, "--measure", str(path), how)

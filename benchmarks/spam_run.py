@@ -19,10 +19,8 @@ import math
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-
 from common import in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
 
 D, N_LAYER = 768, 12

@@ -17,7 +17,6 @@ import statistics
 import time
 
 import torch
-
 from common import in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
 
 METHODS = ("full", "last_block", "lora", "instruct")

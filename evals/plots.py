@@ -32,10 +32,14 @@ def plot_curves(history: list[dict], path: Path, metric: str | None = None) -> N
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    """Counts per (true, predicted) class, labelled with the class names; the figure grows with the classes."""
+    side = max(4.0, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(side + 0.5, side))
     ax.imshow(matrix, cmap="Blues")
     ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
            xlabel="predicted", ylabel="true", title=title)
+    if len(labels) > 3:
+        plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     peak = max(max(row) for row in matrix) or 1
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):

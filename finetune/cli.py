@@ -6,15 +6,18 @@ import argparse
 import os
 import sys
 import warnings
+from importlib import import_module
 
 from finetune.errors import UserError
 
 EXIT_USAGE = 2
 DISTRIBUTION = "finetune-gpt2"  # the name on the package index; `finetune` there is another project
+COMMAND_MODULES = ("finetune.recipes.classification_commands", "finetune.recipes.instruct_commands",
+                   "finetune.evals.commands")
 BF16_HELP = "bf16 weights: half the memory, faster decoding; tokens may differ slightly from fp32"
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -35,7 +38,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model = _weights_dtype(build_model(args.model, args.init), args)
+    model = weights_dtype(build_model(args.model, args.init), args)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     prompt = encode(args.prompt)
     if not prompt:
@@ -46,7 +49,7 @@ def _generate(args: argparse.Namespace) -> None:
     print(get_tokenizer().decode([t for t in out[len(prompt) :] if t != EOT_ID]))
 
 
-def _weights_dtype(model, args: argparse.Namespace):
+def weights_dtype(model, args: argparse.Namespace):
     """--bf16: half the memory, and faster decoding where the CPU or GPU computes in bf16."""
     import torch
 
@@ -81,135 +84,13 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics) if args.json else recipe.summary_table(metrics))
 
 
-def _classify(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from finetune.checkpoint import load_model, resolve
-    from finetune.recipes.classification import predict
-
-    if any(not text.strip() for text in args.text):
-        raise UserError("--text is empty; give a text to classify")
-    model, meta = load_model(resolve(Path(args.checkpoint)))
-    probs = predict(model, meta, args.text)
-    for text, p in zip(args.text, probs):
-        print(f"{meta['labels'][int(p.argmax())]}\t{float(p.max()):.4f}\t{text}")
-
-
-def _predict(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from finetune.recipes.classification import predict_file
-
-    rows = predict_file(Path(args.checkpoint), Path(args.data), Path(args.out), args.text_field, args.format,
-                        args.delimiter, args.batch_size)
-    print(f"{rows} predictions written to {args.out}")
-
-
 def _merge(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from finetune.checkpoint import ADAPTER_CONFIG, load_model, model_files, write_directory
-    from finetune.checkpoint import resolve as resolve_checkpoint
-    from finetune.lora import merged_model
+    from finetune.weights import merge_adapter
 
-    source, out = resolve_checkpoint(Path(args.run_dir)), Path(args.out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose a new directory for the merged checkpoint")
-    if not (source / ADAPTER_CONFIG).exists():
-        raise UserError(f"{source}: no adapter to merge (it is already a plain checkpoint)")
-    model, meta = load_model(source)
-    kept = {k: v for k, v in meta.items() if k in ("labels", "max_length")}  # no "base": the result stands alone
-    write_directory(out, model_files(merged_model(model), kept))
-    print(f"merged {source} into {out} (model.safetensors + config.json)")
-
-
-def _respond(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from finetune.checkpoint import kept_checkpoint, load_model
-    from finetune.config import load_config
-    from finetune.recipes import run_recipe
-    from finetune.recipes.instruct import InstructConfig, data_path, read_records, split_records, write_responses
-
-    run_dir = Path(args.run_dir)
-    config = load_config(InstructConfig, run_dir / "config.yaml") if run_recipe(run_dir).name == "instruct" else None
-    if config is None:
-        raise UserError(f"{run_dir}: not an instruct run")
-    if args.max_new_tokens:
-        config.generation.max_new_tokens = args.max_new_tokens
-    if args.data:
-        records, out = read_records(Path(args.data), config.data), run_dir / f"responses-{Path(args.data).stem}.jsonl"
-    else:
-        records, out = split_records(read_records(data_path(config.data), config.data), config.data)["test"], run_dir / "responses.jsonl"
-    out = Path(args.out) if args.out else out
-    model, _ = load_model(kept_checkpoint(run_dir))
-    write_responses(_weights_dtype(model, args), records, config, out, quiet=False)
-    print(f"{len(records)} responses written to {out}")
-
-
-def _score(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
-    from finetune.evals.generation import read_responses, reference_metrics
-    from finetune.evals.judge import JudgeClient, judge_all
-    from finetune.checkpoint import write_text_atomic
-    from finetune.progress import progress
-    from finetune.recipes.instruct import Record, format_prompt
-
-    if bool(args.judge_url) != bool(args.judge_model):
-        raise UserError("--judge-url and --judge-model go together")
-    path = Path(args.responses)
-    rows = read_responses(path)
-    reference = reference_metrics([r["response"] for r in rows], [r["output"] for r in rows])
-    summary = {k: v for k, v in reference.items() if k != "per_example"}
-    per_example = [dict(r) for r in reference["per_example"]]
-    if args.judge_url:
-        client = JudgeClient(args.judge_url, args.judge_model, timeout=args.timeout, retries=args.retries)
-        items = [{"prompt": format_prompt(Record(r["instruction"], r.get("input", ""), r["output"])).rstrip(),
-                  "reference": r["output"], "response": r["response"]} for r in rows]
-        judged, records = judge_all(client, items, lambda it: progress(it, "judging"))
-        summary.update(judged)
-        for example, record in zip(per_example, records):
-            example.update(judge_score=record["score"], judge_error=record["error"])
-        write_text_atomic(path.with_suffix(".judge.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
-    write_text_atomic(path.with_suffix(".scores.json"), json.dumps({**summary, "per_example": per_example}, indent=2))
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"n={summary['n']}  ROUGE-L={summary['rouge_l']:.4f}  exact match={summary['exact_match']:.2%}")
-        if args.judge_url:
-            mean = "n/a" if summary["judge_mean"] is None else f"{summary['judge_mean']:.1f}"
-            print(f"judge {args.judge_model}: mean {mean} over {summary['judge_scored']} scored, {summary['judge_failed']} failed")
-        print(f"details in {path.with_suffix('.scores.json')}")
-
-
-def _chat(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from finetune.checkpoint import kept_checkpoint, load_model
-    from finetune.config import load_config
-    from finetune.recipes import run_recipe
-    from finetune.recipes.instruct import InstructConfig, Record, respond
-
-    run_dir = Path(args.run_dir)
-    if run_recipe(run_dir).name != "instruct":
-        raise UserError(f"{run_dir}: not an instruct run")
-    config = load_config(InstructConfig, run_dir / "config.yaml")
-    model = _weights_dtype(load_model(kept_checkpoint(run_dir))[0], args)
-    print("Type an instruction (optionally 'instruction || input'); an empty line or Ctrl-D quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        instruction, _, extra = line.partition("||")
-        try:
-            print(respond(model, [Record(instruction.strip(), extra.strip(), "")], config)[0])
-        except UserError as e:  # a too-long prompt ends this turn, not the session
-            print(f"finetune: error: {e}", file=sys.stderr)
+    source = merge_adapter(Path(args.run_dir), Path(args.out_dir))
+    print(f"merged {source} into {args.out_dir} (model.safetensors + config.json)")
 
 
 def _recipes(args: argparse.Namespace) -> None:
@@ -242,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="gpt2", help="preset, hub id, checkpoint directory or book .pth")
     gen.add_argument("--init", choices=["pretrained", "random"], default="pretrained")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=50)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=50)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
@@ -268,48 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ev.set_defaults(func=_eval)
 
-    cls = commands.add_parser("classify", help="label texts with a trained classifier")
-    cls.add_argument("checkpoint", help="run directory or checkpoint directory")
-    cls.add_argument("--text", action="append", required=True, help="a text to classify (repeatable)")
-    cls.set_defaults(func=_classify)
-
-    pred = commands.add_parser("predict", help="classify every text of a file: one CSV row per input with every "
-                                               "class's probability")
-    pred.add_argument("checkpoint", help="run directory or checkpoint directory")
-    pred.add_argument("--data", required=True, help="CSV, TSV, JSON, JSONL, Parquet or raw label<TAB>text file")
-    pred.add_argument("--out", required=True, help="CSV file to write (must not exist)")
-    pred.add_argument("--text-field", help="column holding the text (default: the run's data.text_field, or 'text')")
-    pred.add_argument("--format", choices=["csv", "tsv", "json", "jsonl", "parquet", "raw"], help="default: from the extension")
-    pred.add_argument("--delimiter", help="CSV/TSV field separator")
-    pred.add_argument("--batch-size", type=_positive_int, default=32)
-    pred.set_defaults(func=_predict)
-
     merge = commands.add_parser("merge", help="fold a run's adapter (LoRA, or the layers a partial fine-tune trained) into its base: a plain checkpoint")
     merge.add_argument("run_dir", help="run directory or adapter checkpoint directory")
     merge.add_argument("out_dir", help="new directory for model.safetensors + config.json")
     merge.set_defaults(func=_merge)
 
-    res = commands.add_parser("respond", help="write an instruct run's responses (test split, or --data FILE)")
-    res.add_argument("run_dir")
-    res.add_argument("--data", help="JSON/JSONL instruction records to respond to (default: the run's test split)")
-    res.add_argument("--out", help="output JSONL (default: RUN_DIR/responses.jsonl or responses-<data>.jsonl)")
-    res.add_argument("--max-new-tokens", type=_positive_int)
-    res.add_argument("--bf16", action="store_true", help=BF16_HELP)
-    res.set_defaults(func=_respond)
-
-    score = commands.add_parser("score", help="score a responses.jsonl: ROUGE-L, exact match, optional LLM judge")
-    score.add_argument("responses")
-    score.add_argument("--judge-url", help="Ollama /api/chat or OpenAI-compatible /v1/chat/completions endpoint")
-    score.add_argument("--judge-model", help="model name at that endpoint, e.g. llama3")
-    score.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request")
-    score.add_argument("--retries", type=int, default=2, help="retries after a timeout or server error")
-    score.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    score.set_defaults(func=_score)
-
-    chat = commands.add_parser("chat", help="talk to an instruct run, one instruction per line")
-    chat.add_argument("run_dir")
-    chat.add_argument("--bf16", action="store_true", help=BF16_HELP)
-    chat.set_defaults(func=_chat)
+    for module in COMMAND_MODULES:  # the recipes' and evals' own commands
+        import_module(module).add_commands(commands)
 
     rec = commands.add_parser("recipes", help="list recipes and their preset configs")
     rec.set_defaults(func=_recipes)

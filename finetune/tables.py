@@ -33,14 +33,15 @@ class Table:
     path: Path
     frame: pd.DataFrame
     lines: list[int] | None = None  # file line of each record, for line-based formats
+    unit: str = "row"  # what a record is called otherwise: a row (CSV, Parquet) or a record (JSON list)
 
     def place(self, i: int) -> str:
-        """`line N` or `row N` for the i-th record (0-based)."""
-        return f"line {self.lines[i]}" if self.lines is not None else f"row {i + 1}"
+        """`line N`, `row N` or `record N` for the i-th record (0-based)."""
+        return f"line {self.lines[i]}" if self.lines is not None else f"{self.unit} {i + 1}"
 
     def where(self, i: int) -> str:
         """`file:N` (a line) or `file: row N` for the i-th record, as errors name it."""
-        return f"{self.path}:{self.lines[i]}" if self.lines is not None else f"{self.path}: row {i + 1}"
+        return f"{self.path}:{self.lines[i]}" if self.lines is not None else f"{self.path}: {self.place(i)}"
 
     def column(self, name: str, setting: str) -> pd.Series:
         if name not in self.frame.columns:
@@ -105,7 +106,7 @@ def _records(path: Path, rows: list[tuple[int | None, object]], what: str) -> Ta
             where = f"{path}:{number}" if what == "line" else f"{path}: record {number}"
             raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
     frame = pd.DataFrame.from_records([row for _, row in rows])
-    return Table(path, frame, [n for n, _ in rows] if what == "line" else None)
+    return Table(path, frame, [n for n, _ in rows] if what == "line" else None, unit=what)
 
 
 def _read_json(path: Path) -> Table:

@@ -37,12 +37,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from finetune import checkpoint
-from finetune.checkpoint import BEST, CHECKPOINTS, checkpoint_dirs, kept_checkpoint
 from finetune.config import RunConfig, TrainSection
 from finetune.errors import UserError
 from finetune.progress import progress
+from finetune.runs import BEST, CHECKPOINTS, checkpoint_dirs, kept_checkpoint
+from finetune.serialization import load_weights, model_files
 from finetune.trainable import parameter_counts
-
+from finetune.training_state import STATE_JSON, load_training_state, training_state_files
 
 
 class Task(Protocol):
@@ -164,7 +165,7 @@ class Trainer:
             self._print(f"stopped early at step {self.state.step}: no improvement in {cfg.patience} evaluations")
         kept = kept_checkpoint(self.out)
         # End holding the kept (best) weights, as they are evaluated next: no second model in memory.
-        checkpoint.load_weights(self.accelerator.unwrap_model(self.model), kept)
+        load_weights(self.accelerator.unwrap_model(self.model), kept)
         return FitResult(kept, self.state, _read_jsonl(self.out / "metrics.jsonl"))
 
     def _loop(self, bar, stop: list[int]) -> None:
@@ -296,10 +297,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self.model)
-            files = checkpoint.model_files(model, self.meta)
+            files = model_files(model, self.meta)
             files["run_config.yaml"] = lambda path: path.write_text(self.config.to_yaml())
             if with_training_state:
-                files.update(checkpoint.training_state_files(self.optimizer, asdict(self.state)))
+                files.update(training_state_files(self.optimizer, asdict(self.state)))
             checkpoint.write_directory(directory, files)
         self.accelerator.wait_for_everyone()
 
@@ -322,8 +323,8 @@ class Trainer:
             if self.accelerator.is_main_process:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             return
-        checkpoint.load_weights(self.accelerator.unwrap_model(self.model), latest)
-        document = checkpoint.load_training_state(latest, self.optimizer)
+        load_weights(self.accelerator.unwrap_model(self.model), latest)
+        document = load_training_state(latest, self.optimizer)
         self.state = TrainState(**{k: document[k] for k in asdict(TrainState()) if k in document})
         self._print(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch + 1})")
         # Rows logged after that checkpoint belong to lost work; they are logged again.
@@ -382,7 +383,7 @@ def check_output_dir(config: RunConfig) -> None:
 
 def _finished(directory: Path) -> bool:
     try:
-        return bool(json.loads((directory / checkpoint.STATE_JSON).read_text()).get("finished"))
+        return bool(json.loads((directory / STATE_JSON).read_text()).get("finished"))
     except (OSError, ValueError):
         return False  # damaged: resume decides what to do with it
 

@@ -7,15 +7,20 @@ on the meta device, so peak memory stays near one copy of the weights.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from finetune.checkpoint import ADAPTER_CONFIG, FORMAT, assemble, load_model, read_config, read_tensors, resolve, unreadable
+from finetune.checkpoint import verify, write_directory
+from finetune.classifier import GPTClassifier
 from finetune.errors import UserError
+from finetune.lora import merged_model, wrap_layers
 from finetune.model import GPT, PRESETS, GPTConfig
+from finetune.runs import resolve
+from finetune.serialization import (ADAPTER_CONFIG, ADAPTER_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, assemble, load_weights,
+                                    model_files, read_config, read_meta, read_tensors, tensor_names, unreadable)
 
 HUB_IDS = {
     "gpt2": "openai-community/gpt2",
@@ -271,3 +276,81 @@ def _book_config(state: dict[str, torch.Tensor], path: Path) -> GPTConfig:
 
 def _assemble(config: GPTConfig, tensors: Iterator[tuple[str, torch.Tensor]], source: Path) -> GPT:
     return assemble(lambda: GPT(config), tensors, source)
+
+
+def load_model(directory: Path, dropout: float = 0.0) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model saved by finetune (full weights, or base + adapter), and its config, after
+    checking its files against the manifest. `dropout` is a training setting, not part of the checkpoint."""
+    directory = Path(directory)
+    adapter = (directory / ADAPTER_CONFIG).exists()
+    meta = read_meta(directory)
+    verify(directory)
+    if adapter:
+        return _load_adapter_model(directory, dropout)
+    build = _builder(meta, directory / CONFIG_FILE)
+    config = replace(_gpt_config(meta, directory / CONFIG_FILE), dropout=dropout)
+    return assemble(lambda: build(config), read_tensors(directory / MODEL_FILE), directory / MODEL_FILE), meta
+
+
+def _gpt_config(meta: dict, where: Path):
+    try:
+        return GPTConfig.from_dict(meta["model"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{where}: missing or bad 'model' entry ({e})") from e
+
+
+def _builder(meta: dict, where: Path) -> Callable:
+    """A function GPT -> the model of this checkpoint's task (a GPTConfig gives a fresh trunk)."""
+    def trunk(gpt):
+        return gpt if isinstance(gpt, GPT) else GPT(gpt)
+
+    task = meta.get("task")
+    if task == "lm":
+        return trunk
+    if task == "classification":
+        try:
+            num_classes, pool = meta["num_classes"], meta["pool"]
+        except KeyError as e:
+            raise UserError(f"{where}: classification checkpoint without {e}") from e
+        return lambda gpt: GPTClassifier(trunk(gpt), num_classes, pool)
+    raise UserError(f"{where}: unknown task {task!r}")
+
+
+def _load_adapter_model(directory: Path, dropout: float) -> tuple[torch.nn.Module, dict]:
+    """Base model (by name, or re-made from its seed when it was a random init) + the trained tensors
+    (LoRA layers and whatever trained beside them, or the trained layers of a partial fine-tune)."""
+    where = directory / ADAPTER_CONFIG
+    meta = read_config(directory, ADAPTER_CONFIG)
+    try:
+        base, adapter = meta["base"], meta["adapter"]
+        expected = _gpt_config(meta, where)
+        torch.manual_seed(base["seed"])  # a random-init base is re-made exactly as the run made it
+        gpt = build_model(base["name"], base["init"], dropout)
+    except KeyError as e:
+        raise UserError(f"{where}: missing entry {e}") from e
+    if replace(gpt.config, dropout=0.0) != replace(expected, dropout=0.0):
+        raise UserError(f"{where}: the adapter was trained on a base of shape {expected.to_dict()}, "
+                        f"but '{base['name']}' has shape {gpt.config.to_dict()}")
+    model = _builder(meta, where)(gpt)
+    if adapter["layers"]:
+        wrap_layers(model, adapter["layers"], adapter["rank"], adapter["alpha"], adapter["dropout"])
+    stored = tensor_names(directory / ADAPTER_FILE)
+    for name, p in model.named_parameters():  # as in training: adapters and the modules trained beside them
+        p.requires_grad = "lora_" in name or name in stored
+    load_weights(model, directory)
+    return model, meta
+
+
+def merge_adapter(source: Path, out: Path) -> Path:
+    """Fold the adapter of a checkpoint (or of a run's kept checkpoint) into its base: a stand-alone
+    model.safetensors + config.json in `out`. Returns the checkpoint that was merged."""
+    source = resolve(Path(source))
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new directory for the merged checkpoint")
+    if not (source / ADAPTER_CONFIG).exists():
+        raise UserError(f"{source}: no adapter to merge (it is already a plain checkpoint)")
+    model, meta = load_model(source)
+    # No "base" or "adapter": the result stands alone. The model's own entries are written afresh.
+    kept = {k: v for k, v in meta.items() if k not in ("base", "adapter", "format", *model.checkpoint_meta())}
+    write_directory(out, model_files(merged_model(model), kept))
+    return source

@@ -19,10 +19,13 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import Dataset
 
-from finetune.checkpoint import kept_checkpoint, load_model, read_meta, write_text_atomic
+from finetune.checkpoint import write_text_atomic
 from finetune.config import RunConfig, load_config
+from finetune.runs import kept_checkpoint
+from finetune.serialization import read_meta
 from finetune.trainable import configure_trainable
 from finetune.trainer import Task, Trainer, check_output_dir, make_accelerator
+from finetune.weights import load_model
 
 SPLITS = ("train", "val", "test")
 C = TypeVar("C", bound=RunConfig)

@@ -26,20 +26,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from pydantic import Field, model_validator
 
-from finetune.checkpoint import load_model, resolve
 from finetune.classifier import GPTClassifier
-from finetune.config import Float, FinetuneSection, ModelSection, RunConfig, Section, TrainSection
+from finetune.config import FinetuneSection, Float, ModelSection, RunConfig, Section, TrainSection
 from finetune.data import BundledFile, bundled
 from finetune.errors import UserError
 from finetune.evals.classification import classification_metrics
 from finetune.evals.plots import plot_confusion, plot_curves
 from finetune.features import CollateFeatures, cache_splits
 from finetune.progress import progress
+from finetune.recipes.base import SPLITS, Recipe, Setup
+from finetune.runs import resolve
 from finetune.tables import Format, Table, read_table
 from finetune.tokenizer import EOT_ID, get_tokenizer
 from finetune.trainer import eval_loader
-from finetune.weights import build_model
-from finetune.recipes.base import SPLITS, Recipe, Setup
+from finetune.weights import build_model, load_model
 
 Example = tuple[int, str]  # (class index, text)
 
@@ -351,6 +351,11 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
         self.name, self.Config, self.bundled = name, config, bundled_data
 
     def prepare(self, config: ClassificationConfig) -> LabelledData:
+        data = self._read(config)
+        positive_index(config, data.labels)  # a wrong data.positive_label fails before any model is built
+        return data
+
+    def _read(self, config: ClassificationConfig) -> LabelledData:
         d = config.data
         if d.train_path is None:
             if d.path is None and self.bundled is None:
@@ -378,7 +383,6 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
               accelerator: Accelerator, quiet: bool) -> Setup:
         encoded, max_length = encode_splits(data, config, model.gpt.config.context_length, ("train", "val"))
         encoded["val"] = by_length(encoded["val"])
-        keep = config.data.keep
         collate = Collate.for_pool(config.model.pool, max_length)
         cached = {}
         if config.train.cache_features:
@@ -389,7 +393,7 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
             collate = CollateFeatures(cached["train"].start)
         weights = class_weights(data.splits["train"], len(data.labels)) if config.train.class_weights else None
         task = ClassificationTask(data.labels, weights, positive_index(config, data.labels))
-        meta = {"labels": data.labels, "max_length": max_length, "keep": keep, "text_field": config.data.text_field}
+        meta = {"labels": data.labels, "max_length": max_length, "keep": config.data.keep, "text_field": config.data.text_field}
         return Setup(encoded["train"], encoded["val"], collate, task, meta, reuse={"cached": cached})
 
     def evaluate(self, config: ClassificationConfig, data: LabelledData, model, meta: dict,

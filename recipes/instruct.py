@@ -9,6 +9,7 @@ perplexity, then responses to the test split, scored against the references).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -20,18 +21,18 @@ from accelerate import Accelerator
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from finetune.evals.generation import reference_metrics
-from finetune.evals.plots import plot_curves
 from finetune.checkpoint import write_text_atomic
 from finetune.config import Float, ModelSection, RunConfig, Section
-from finetune.errors import UserError
 from finetune.data import INSTRUCTIONS, bundled
-from finetune.files import jsonl_rows, read_text
+from finetune.errors import UserError
+from finetune.evals.generation import reference_metrics
+from finetune.evals.plots import plot_curves
 from finetune.generate import generate
 from finetune.losses import IGNORE, next_token_loss
 from finetune.progress import progress
-from finetune.tokenizer import EOT_ID, get_tokenizer
 from finetune.recipes.base import SPLITS, Recipe, Setup
+from finetune.tables import Format, read_table
+from finetune.tokenizer import EOT_ID, get_tokenizer
 from finetune.trainer import eval_loader
 from finetune.weights import build_model
 
@@ -42,7 +43,8 @@ PREAMBLE = "Below is an instruction that describes a task. Write a response that
 
 
 class InstructData(Section):
-    path: str | None = Field(None, description="JSON list or JSONL file; null = the bundled 1,100 instructions")
+    path: str | None = Field(None, description="JSON list, JSONL, CSV or Parquet file; null = the bundled 1,100 instructions")
+    format: Format | None = Field(None, description="json, jsonl, csv, tsv or parquet; null = from the extension")
     instruction_field: str = "instruction"
     input_field: str = "input"
     output_field: str = "output"
@@ -96,40 +98,32 @@ def format_prompt(record: Record) -> str:
 
 
 def read_records(path: Path, fields: InstructData) -> list[Record]:
-    """Records from a JSON list or a JSONL file, field names mapped as configured."""
-    text = read_text(path, "data file", "data.path (a JSON list or JSONL file)")
-    if not text.strip():
-        raise UserError(f"{path}: empty file; expected a JSON list of instruction records")
-    if path.suffix == ".jsonl":
-        rows = [(f"{path}:{number}", row) for number, row in jsonl_rows(path, text)]
-    else:
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from e
-        if not isinstance(document, list):
-            raise UserError(f"{path}: expected a JSON list of records, got {type(document).__name__}")
-        rows = [(f"{path}: record {i}", row) for i, row in enumerate(document, start=1)]
-    if not rows:
-        raise UserError(f"{path}: no records")
-    records = [_record(where, row, fields) for where, row in rows]
-    seen: dict[Record, str] = {}
-    duplicates = [(where, seen[r]) for (where, _), r in zip(rows, records) if seen.setdefault(r, where) != where]
+    """Records from a JSON list, JSONL, CSV/TSV or Parquet file (finetune.tables), field names mapped as
+    configured."""
+    table = read_table(path, fields.format, setting="data.path (a JSON list, JSONL, CSV or Parquet file)")
+    records = [_record(table.where(i), row, fields) for i, row in enumerate(table.frame.to_dict("records"))]
+    seen: dict[Record, int] = {}
+    duplicates = [(i, seen[r]) for i, r in enumerate(records) if seen.setdefault(r, i) != i]
     if duplicates:
-        warnings.warn(f"{path}: {len(duplicates)} duplicate record(s) kept, e.g. {duplicates[0][0]} repeats "
-                      f"{duplicates[0][1].split(': ', 1)[-1]}", stacklevel=2)
+        i, first = duplicates[0]
+        warnings.warn(f"{path}: {len(duplicates)} duplicate record(s) kept, e.g. {table.place(i)} repeats "
+                      f"{table.place(first)}", stacklevel=2)
     return records
 
 
-def _record(where: str, row: object, fields: InstructData) -> Record:
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected an object with '{fields.instruction_field}' and '{fields.output_field}'")
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))  # a key absent from some records
+
+
+def _record(where: str, row: dict, fields: InstructData) -> Record:
     values = {}
     for key, name, required in ((fields.instruction_field, "instruction", True), (fields.input_field, "input", False),
                                 (fields.output_field, "output", True)):
-        value = row.get(key, None if required else "")
-        if value is None and required:
-            raise UserError(f"{where}: missing '{key}' (set data.{name}_field if your file names it differently)")
+        value = row.get(key)
+        if _missing(value):
+            if required:
+                raise UserError(f"{where}: missing '{key}' (set data.{name}_field if your file names it differently)")
+            value = ""
         if not isinstance(value, str):
             raise UserError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
         values[name] = value

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 from finetune.data import SMS_SPAM
-from finetune.tables import Format
 from finetune.recipes.classification import Classification, ClassificationConfig, ClassificationData
+from finetune.tables import Format
 
 
 class SpamData(ClassificationData):

@@ -45,16 +45,16 @@ elif point == "mid-eval":  # inside the 2nd evaluation (the end of epoch 1, befo
 
     after_call(ClassificationTask, "evaluate", 2, wait_forever)
 elif point == "mid-checkpoint-write":  # step 6's checkpoint: model written, training state not yet
-    import finetune.checkpoint as checkpoint
+    import finetune.training_state as training_state
 
-    original_save = checkpoint.save_file
+    original_save = training_state.save_file
 
     def save_file(tensors, path, *args, **kwargs):
-        if ".tmp-step-0000006" in str(path) and Path(path).name == checkpoint.STATE_TENSORS:
+        if ".tmp-step-0000006" in str(path) and Path(path).name == training_state.STATE_TENSORS:
             wait_forever()
         return original_save(tensors, path, *args, **kwargs)
 
-    checkpoint.save_file = save_file
+    training_state.save_file = save_file
 elif point == "slow":  # every step takes a while; the marker appears after step 4
     from finetune.trainer import Trainer
 

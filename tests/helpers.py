@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.data import SMS_SPAM, bundled
 from finetune.cli import main
+from finetune.data import SMS_SPAM, bundled
 
 
 def small_spam_file(path: Path, per_label: int = 40) -> Path:

@@ -7,8 +7,8 @@ from rouge_score import rouge_scorer
 
 from finetune.data import INSTRUCTIONS, bundled
 from finetune.errors import UserError
-from finetune.tokenizer import EOT_ID
 from finetune.recipes.instruct import Collate, Example, InstructData, Record, format_prompt, read_records, split_records
+from finetune.tokenizer import EOT_ID
 from tests.helpers import cli, one_line_error
 
 I = -100

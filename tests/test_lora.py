@@ -9,15 +9,17 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import GPT, GPTConfig, load_pretrained
-from finetune.checkpoint import load_model, model_files, write_directory
+from finetune.checkpoint import write_directory
 from finetune.classifier import GPTClassifier
 from finetune.config import load_config
 from finetune.errors import UserError
 from finetune.lora import LoRALinear, apply_lora, merge_lora, unmerge_lora
-from finetune.trainable import parameter_counts
-from finetune.trainer import Trainer, make_accelerator
 from finetune.recipes.classification import ClassificationTask, Collate, encode_splits
 from finetune.recipes.spam import RECIPE, SpamConfig
+from finetune.serialization import model_files
+from finetune.trainable import parameter_counts
+from finetune.trainer import Trainer, make_accelerator
+from finetune.weights import load_model
 from tests.helpers import classifier_for, cli, one_line_error, small_spam_file, tiny_spam_args
 
 ALL_BLOCK_LINEARS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
@@ -128,7 +130,7 @@ def test_training_changes_only_adapters_and_train_modules_and_reloads_exactly(tm
         expected = model.eval()(batch["input_ids"], batch["attention_mask"])
     torch.save(batch, tmp_path / "batch.pt")
     script = (
-        "import sys, torch; from finetune.checkpoint import load_model\n"
+        "import sys, torch; from finetune.weights import load_model\n"
         "model, _ = load_model(sys.argv[1]); batch = torch.load(sys.argv[2], weights_only=True)\n"
         "with torch.no_grad(): torch.save(model.eval()(batch['input_ids'], batch['attention_mask']), sys.argv[3])\n"
     )
@@ -177,7 +179,7 @@ def test_adapter_for_another_base_is_refused(tmp_path, capsys):
 
     other = GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny", n_embd=32)), 2)
     apply_lora(other, rank=2, alpha=16, targets=ALL_BLOCK_LINEARS)
-    from finetune.checkpoint import load_weights
+    from finetune.serialization import load_weights
 
     with pytest.raises(UserError, match="shape mismatch"):
         load_weights(other, out / "best")

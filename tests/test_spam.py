@@ -1,5 +1,6 @@
 """The spam recipe end to end on small real data, and the trainer behaviours it relies on."""
 
+import hashlib
 import json
 import math
 import os
@@ -11,12 +12,20 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.data import SMS_SPAM, bundled
-from finetune.checkpoint import load_model
-from finetune.trainer import Trainer
+from finetune.recipes import load_run_config
 from finetune.recipes.spam import RECIPE, SpamConfig
 from finetune.tables import read_table
-from tests.helpers import (classifier_for, cli, one_line_error, small_spam_file, ticket_frame, tiny_classification_args,
-                           tiny_spam_args)
+from finetune.trainer import Trainer
+from finetune.weights import load_model
+from tests.helpers import (
+    classifier_for,
+    cli,
+    one_line_error,
+    small_spam_file,
+    ticket_frame,
+    tiny_classification_args,
+    tiny_spam_args,
+)
 
 
 @pytest.fixture
@@ -44,6 +53,15 @@ def test_balanced_stratified_split():
     for split in data.splits.values():  # stratified: half spam in every split
         assert abs(sum(label for label, _ in split) / len(split) - 0.5) < 0.01
     assert RECIPE.prepare(SpamConfig()).splits == data.splits
+
+
+def test_spam_tiny_split_is_the_one_the_spam_recipe_always_made():
+    """Digests of spam_tiny's (unbalanced) split, computed with the spam recipe before it became a preset
+    of the classification recipe: the same messages, labels and order in every split."""
+    data = RECIPE.prepare(load_run_config("spam", "spam_tiny", []))
+    digests = {name: hashlib.sha256(repr(split).encode()).hexdigest()[:16] for name, split in data.splits.items()}
+    assert {name: len(split) for name, split in data.splits.items()} == {"train": 3901, "val": 558, "test": 1115}
+    assert digests == {"train": "6e2c483564d3c8d0", "val": "1723ca8171f66d70", "test": "03e71aae81e31c97"}
 
 
 def test_run_writes_metrics_plots_and_eval_reproduces_them(tmp_path, data, capsys):

@@ -1,0 +1,56 @@
+"""`finetune score`: reference metrics (ROUGE-L, exact match) and an optional LLM judge for a
+responses.jsonl. Parsing needs nothing heavy; the scorers are imported when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+
+from finetune.errors import UserError
+
+
+def add_commands(commands) -> None:
+    score = commands.add_parser("score", help="score a responses.jsonl: ROUGE-L, exact match, optional LLM judge")
+    score.add_argument("responses")
+    score.add_argument("--judge-url", help="Ollama /api/chat or OpenAI-compatible /v1/chat/completions endpoint")
+    score.add_argument("--judge-model", help="model name at that endpoint, e.g. llama3")
+    score.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request")
+    score.add_argument("--retries", type=int, default=2, help="retries after a timeout or server error")
+    score.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    score.set_defaults(func=run_score)
+
+
+def run_score(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from finetune.checkpoint import write_text_atomic
+    from finetune.evals.generation import read_responses, reference_metrics
+    from finetune.evals.judge import JudgeClient, judge_all
+    from finetune.progress import progress
+    from finetune.recipes.instruct import Record, format_prompt
+
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise UserError("--judge-url and --judge-model go together")
+    path = Path(args.responses)
+    rows = read_responses(path)
+    reference = reference_metrics([r["response"] for r in rows], [r["output"] for r in rows])
+    summary = {k: v for k, v in reference.items() if k != "per_example"}
+    per_example = [dict(r) for r in reference["per_example"]]
+    if args.judge_url:
+        client = JudgeClient(args.judge_url, args.judge_model, timeout=args.timeout, retries=args.retries)
+        items = [{"prompt": format_prompt(Record(r["instruction"], r.get("input", ""), r["output"])).rstrip(),
+                  "reference": r["output"], "response": r["response"]} for r in rows]
+        judged, records = judge_all(client, items, lambda it: progress(it, "judging"))
+        summary.update(judged)
+        for example, record in zip(per_example, records):
+            example.update(judge_score=record["score"], judge_error=record["error"])
+        write_text_atomic(path.with_suffix(".judge.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(path.with_suffix(".scores.json"), json.dumps({**summary, "per_example": per_example}, indent=2))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"n={summary['n']}  ROUGE-L={summary['rouge_l']:.4f}  exact match={summary['exact_match']:.2%}")
+        if args.judge_url:
+            mean = "n/a" if summary["judge_mean"] is None else f"{summary['judge_mean']:.1f}"
+            print(f"judge {args.judge_model}: mean {mean} over {summary['judge_scored']} scored, {summary['judge_failed']} failed")
+        print(f"details in {path.with_suffix('.scores.json')}")
