@@ -124,15 +124,17 @@ def test_separate_files_and_class_weights_follow_scikit_learn(tmp_path, capsys):
     weights = class_weights(data.splits["train"], 4)
     assert torch.allclose(weights, torch.tensor(expected, dtype=torch.float32))
 
-    # The trainer divides the summed loss by `count`: together, F.cross_entropy's weighted mean.
+    # The trainer divides the summed loss by `count`: together, F.cross_entropy's weighted mean. (Over
+    # the whole training set balanced weights sum to n, so a batch of it tells the two apart.)
     task = ClassificationTask(data.labels, weights)
-    logits = torch.randn(len(labels), 4, generator=torch.Generator().manual_seed(0))
-    batch = {"labels": torch.tensor(labels)}
+    batch_labels = torch.tensor(labels[:9])
+    assert abs(weights[batch_labels].sum().item() - 9) > 0.25  # 9.375 here
+    logits = torch.randn(9, 4, generator=torch.Generator().manual_seed(0))
+    batch = {"labels": batch_labels, "input_ids": None, "attention_mask": None}
     model = lambda *args: logits  # noqa: E731
-    batch.update(input_ids=None, attention_mask=None)
     mean = task.loss(model, batch) / task.count(batch)
-    assert torch.allclose(mean, F.cross_entropy(logits, batch["labels"], weight=weights))
-    assert not torch.allclose(mean, F.cross_entropy(logits, batch["labels"]))
+    assert torch.allclose(mean, F.cross_entropy(logits, batch_labels, weight=weights))
+    assert not torch.allclose(mean, F.cross_entropy(logits, batch_labels))
 
     out = tmp_path / "run"
     code, _, err = cli(capsys, *tiny_classification_args(out, *paths, *COLUMNS, "train.class_weights=balanced",
