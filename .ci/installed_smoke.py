@@ -4,6 +4,7 @@ trains from an empty working directory, and not one file of the source checkout 
 Usage: python installed_smoke.py CHECKOUT   (run from an empty directory)
 """
 
+import csv
 import importlib
 import os
 import sys
@@ -34,14 +35,23 @@ for generic in ("recipes", "evals", "data"):  # nothing generic is installed at 
 import finetune  # noqa: E402
 from finetune.cli import main  # noqa: E402
 
+teams = ("billing", "shipping", "returns")
+Path("tickets.csv").write_text("id,body,team\n" + "".join(
+    f'{i},"ticket {i} about {team},\nsecond line",{team}\n' for i in range(30) for team in teams))
+
 assert not Path(finetune.__file__).resolve().is_relative_to(checkout), finetune.__file__
 for argv in (["recipes"],
              ["run", "spam", "--config", "spam_tiny", "train.epochs=1"],
-             ["run", "instruct", "--config", "instruct_tiny", "train.epochs=1", "generation.max_new_tokens=16"]):
+             ["run", "instruct", "--config", "instruct_tiny", "train.epochs=1", "generation.max_new_tokens=16"],
+             ["run", "classification", "--config", "classification_tiny", "data.path=tickets.csv",
+              "data.text_field=body", "data.label_field=team", "train.epochs=1"],
+             ["predict", "runs/classification_tiny", "--data", "tickets.csv", "--text-field", "body", "--out", "p.csv"]):
     print("$ finetune", " ".join(argv), flush=True)
     code = main(argv)
     assert code == 0, f"finetune {' '.join(argv)} exited {code}"
-for run_dir in ("runs/spam_tiny", "runs/instruct_tiny"):
+with open("p.csv", newline="", encoding="utf-8") as f:
+    assert len(list(csv.DictReader(f))) == 90, "one prediction per input row"
+for run_dir in ("runs/spam_tiny", "runs/instruct_tiny", "runs/classification_tiny"):
     assert (Path(run_dir) / "metrics.json").is_file() and (Path(run_dir) / "best").is_dir(), run_dir
 assert not opened_in_checkout, f"files of the checkout were opened: {opened_in_checkout[:5]}"
 print("installed wheel: every preset ran from an empty directory; no file of the checkout was read")

@@ -168,3 +168,13 @@ def test_five_classes_with_last_block_and_lora(tmp_path, capsys, method):
     assert saved["labels"] == sorted(TEAMS[:5]) and saved["num_classes"] == 5
     code, printed, _ = cli(capsys, "eval", str(out), "--json")
     assert json.loads(printed)["test"] == json.loads((out / "metrics.json").read_text())["test"]
+
+
+def test_a_run_reads_its_data_once(tmp_path, capsys):
+    """Read and split once per run: one duplicate-text warning, not one per stage (train, eval, baseline)."""
+    frame = ticket_frame(classes=3, per_class=10)
+    pd.concat([frame, frame.iloc[:1]]).to_csv(tmp_path / "t.csv", index=False)
+    code, _, err = cli(capsys, *tiny_classification_args(tmp_path / "run", f"data.path={tmp_path / 't.csv'}", *COLUMNS,
+                                                         "train.epochs=1"))
+    assert code == 0, err
+    assert err.count("duplicate text(s) kept") == 1, err

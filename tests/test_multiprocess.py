@@ -1,5 +1,6 @@
-"""The spam recipe under `accelerate launch --num_processes 2` on CPU (gloo): it trains, metrics gather
-every example exactly once, and the result matches one process with the same global batch."""
+"""Classification under `accelerate launch --num_processes 2` on CPU (gloo): it trains, metrics gather
+every example exactly once, and the result matches one process with the same global batch (SMS spam,
+and 5 classes of tickets)."""
 
 import json
 import os
@@ -9,17 +10,26 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import cli, small_spam_file, tiny_spam_args
+from tests.helpers import cli, small_spam_file, ticket_frame, tiny_classification_args, tiny_spam_args
 
 
-@pytest.mark.parametrize("trainable", ["all", "last_block"], ids=["full", "last_block_feature_cache"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, capsys, trainable):
-    # 82 messages: 56 train (7 global batches of 8: accelerate repeats examples to even out a short
-    # last batch, which would differ from one process), 9 val and 17 test (uneven: gathered exactly).
-    data = small_spam_file(tmp_path / "sms.tsv", per_label=41)
+@pytest.mark.parametrize("trainable, classes", [("all", 2), ("last_block", 2), ("last_block", 5)],
+                         ids=["full", "last_block_feature_cache", "5_classes_feature_cache"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, capsys, trainable, classes):
+    # 56 training examples (7 global batches of 8: accelerate repeats examples to even out a short last
+    # batch, which would differ from one process); val and test uneven, gathered exactly. Spam: 82
+    # messages -> 56/9/17; tickets: 80 -> 56/8/16.
+    if classes == 2:
+        data = small_spam_file(tmp_path / "sms.tsv", per_label=41)
+        run_args, sizes = (lambda out, *extra: tiny_spam_args(data, out, *extra)), (("train", 56), ("val", 9), ("test", 17))
+    else:
+        ticket_frame(classes=5, per_class=16).to_csv(tmp_path / "tickets.csv", index=False)
+        run_args = lambda out, *extra: tiny_classification_args(  # noqa: E731
+            out, f"data.path={tmp_path / 'tickets.csv'}", "data.text_field=body", "data.label_field=team", *extra)
+        sizes = (("train", 56), ("val", 8), ("test", 16))
     common = ("train.epochs=2", "train.eval_every=3", "train.eval_batch_size=4", f"finetune.trainable={trainable}")
     two = tmp_path / "two"
-    args = tiny_spam_args(data, two, "train.batch_size=4", *common)
+    args = run_args(two, "train.batch_size=4", *common)
     # accelerate's `--cpu` flag starts one process; its torchrun launcher (`--multi_gpu`) with
     # ACCELERATE_USE_CPU starts two that talk over gloo.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
@@ -32,11 +42,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, capsys, tr
     assert ("feature cache" in launched.stderr) == (trainable == "last_block"), launched.stderr[-3000:]
 
     one = tmp_path / "one"
-    code, _, err = cli(capsys, *tiny_spam_args(data, one, "train.batch_size=8", *common))
+    code, _, err = cli(capsys, *run_args(one, "train.batch_size=8", *common))
     assert code == 0, err
 
     m2, m1 = (json.loads((run / "metrics.json").read_text()) for run in (two, one))
-    for split, n in (("train", 56), ("val", 9), ("test", 17)):  # gathered without duplicates or losses
+    assert len(m2["test"]["labels"]) == classes
+    for split, n in sizes:  # gathered without duplicates or losses
         assert m2[split]["n"] == m1[split]["n"] == n
         assert sum(map(sum, m2[split]["confusion_matrix"])) == n
         assert abs(m2[split]["loss"] - m1[split]["loss"]) < 1e-5
