@@ -157,9 +157,11 @@ def test_per_class_metrics_equal_scikit_learn():
 
 
 @pytest.mark.parametrize("method", [("finetune.trainable=last_block",),
-                                    ("finetune.trainable=lora", "lora.rank=4", "lora.targets=[all-linear]")],
-                         ids=["last_block", "lora"])
-def test_five_classes_with_last_block_and_lora(tmp_path, capsys, method):
+                                    ("finetune.trainable=lora", "lora.rank=4", "lora.targets=[all-linear]"),
+                                    ("finetune.trainable=last_n_blocks", "finetune.n_blocks=2"),
+                                    ("finetune.trainable=head", "train.mixed_precision=bf16")],
+                         ids=["last_block", "lora", "last_n_blocks", "head_bf16"])
+def test_five_classes_with_every_way_of_training(tmp_path, capsys, method):
     ticket_frame(classes=5, per_class=12).to_parquet(tmp_path / "t.parquet")
     out = tmp_path / "run"
     code, _, err = cli(capsys, *tiny_classification_args(out, f"data.path={tmp_path / 't.parquet'}", *COLUMNS, *method))

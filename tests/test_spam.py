@@ -92,12 +92,28 @@ def test_run_writes_metrics_plots_and_eval_reproduces_them(tmp_path, data, capsy
     assert "resume=true" in one_line_error(capsys, *tiny_spam_args(data, out))  # never overwrite a run silently
 
 
-@pytest.mark.parametrize("method", [(), ("finetune.trainable=lora", "lora.rank=4", "lora.train_modules=[head]",
-                                     "lora.dropout=0.1")], ids=["full", "lora"])
-def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, data, capsys, monkeypatch, method):
-    extra = ("model.dropout=0.1", "train.checkpoint_every=3", "train.keep_last=2", *method)  # dropout: RNG matters
-    code, _, err = cli(capsys, *tiny_spam_args(data, tmp_path / "full", *extra))
+DROPOUT = "model.dropout=0.1"  # dropout: the RNG state matters on resume
+RESUMED = {
+    "full": (2, (DROPOUT,)),
+    "lora": (2, (DROPOUT, "finetune.trainable=lora", "lora.rank=4", "lora.train_modules=[head]", "lora.dropout=0.1")),
+    "last_block_feature_cache": (2, ("finetune.trainable=last_block",)),  # the book's setup: dropout 0, cached trunk
+    "5_classes": (5, (DROPOUT,)),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUMED))
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, data, capsys, monkeypatch, case):
+    classes, method = RESUMED[case]
+    if classes == 2:
+        run_args = lambda out, *extra: tiny_spam_args(data, out, *extra)  # noqa: E731
+    else:  # 80 tickets: 56 train, 7 steps an epoch as for the spam data
+        ticket_frame(classes=5, per_class=16).to_csv(tmp_path / "tickets.csv", index=False)
+        run_args = lambda out, *extra: tiny_classification_args(  # noqa: E731
+            out, f"data.path={tmp_path / 'tickets.csv'}", "data.text_field=body", "data.label_field=team", *extra)
+    extra = ("train.checkpoint_every=3", "train.keep_last=2", *method)
+    code, _, err = cli(capsys, *run_args(tmp_path / "full", *extra))
     assert code == 0, err
+    assert ("feature cache" in err) == (case == "last_block_feature_cache"), err
 
     saves = 0
     original = Trainer.save_checkpoint
@@ -110,16 +126,16 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, data,
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
-    code, _, _ = cli(capsys, *tiny_spam_args(data, tmp_path / "cut", *extra))
+    code, _, _ = cli(capsys, *run_args(tmp_path / "cut", *extra))
     assert code == 130
     monkeypatch.setattr(Trainer, "save_checkpoint", original)
     assert not (tmp_path / "cut" / "metrics.json").exists()
-    code, _, err = cli(capsys, *tiny_spam_args(data, tmp_path / "cut", *extra, "resume=true"))
+    code, _, err = cli(capsys, *run_args(tmp_path / "cut", *extra, "resume=true"))
     assert code == 0, err
 
     for kept in ("best", "checkpoints/step-0000014"):
         full, cut = weights(tmp_path / "full" / kept), weights(tmp_path / "cut" / kept)
-        assert bool(method) == ("gpt.blocks.0.attn.qkv.lora_A" in full)
+        assert (case == "lora") == ("gpt.blocks.0.attn.qkv.lora_A" in full)
         assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full), kept
     full_metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text()) == full_metrics
