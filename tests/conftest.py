@@ -13,11 +13,20 @@ GPT2_124M = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024)
 
 
 def make_hf_checkpoint(directory: Path, seed: int = 0, **config):
-    """A transformers GPT-2 with random weights, saved as config.json + model.safetensors."""
+    """A transformers GPT-2 whose every tensor is random and distinct, saved as config.json + model.safetensors.
+
+    transformers' own initialisation sets every bias to 0 and every LayerNorm to weight 1, bias 0: a
+    loader that swapped ln_1 and ln_2, or two biases, would still give the right logits on it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, **config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name and name.endswith(".weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.05 * torch.randn_like(p))
     model.save_pretrained(directory)
     return model
 

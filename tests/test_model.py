@@ -27,7 +27,7 @@ def test_logits_match_transformers_124m(gpt2_hf):
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (ours(idx) - hf(idx).logits).abs().max().item()
-    assert diff <= 1e-4
+    assert diff <= 1e-5
 
 
 def test_logits_match_transformers_odd_heads_full_context(small_hf):
@@ -37,8 +37,8 @@ def test_logits_match_transformers_odd_heads_full_context(small_hf):
     idx = torch.randint(0, 50257, (3, 97), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = hf(idx, output_hidden_states=True)
-        assert (ours(idx) - ref.logits).abs().max().item() <= 1e-4
-        assert (ours(idx, return_hidden=True) - ref.hidden_states[-1]).abs().max().item() <= 1e-4
+        assert (ours(idx) - ref.logits).abs().max().item() <= 1e-5
+        assert (ours(idx, return_hidden=True) - ref.hidden_states[-1]).abs().max().item() <= 1e-5
 
 
 def test_padding_mask_leaves_real_tokens_unchanged(small_hf):
