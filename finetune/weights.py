@@ -110,20 +110,6 @@ def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None
     return _assemble(replace(config, dropout=dropout), _from_hf(_read_tensors(weights)), weights)
 
 
-def book_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights in the book's `GPTModel` layout (qkv_bias=True), e.g. to save as a `.pth`."""
-    ours = model.state_dict()
-    C = model.config.n_embd
-    out = {book: ours[k] for k, book in _BOOK_TOP.items()}
-    for i in range(model.config.n_layer):
-        for k, book in _BOOK_BLOCK.items():
-            out[f"trf_blocks.{i}.{book}"] = ours[f"blocks.{i}.{k}"]
-        for kind in ("weight", "bias"):
-            for part, name in zip(ours[f"blocks.{i}.attn.qkv.{kind}"].split(C), _BOOK_QKV):
-                out[f"trf_blocks.{i}.{name}.{kind}"] = part
-    return {k: v.clone() for k, v in out.items()}
-
-
 _HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 

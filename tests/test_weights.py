@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune import GPT, GPTConfig, load_pretrained
+from finetune import load_pretrained
 from finetune.cli import main
-from finetune.weights import book_state_dict
 
 IDX = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -21,27 +20,37 @@ def logits(model):
         return model.eval()(IDX)
 
 
-def test_book_pth_round_trip(tmp_path):
-    torch.manual_seed(0)
-    ours = GPT(GPTConfig.from_preset("gpt2-tiny"))
-    state = book_state_dict(ours)
-    assert "trf_blocks.0.att.W_query.weight" in state and "tok_emb.weight" in state
-    torch.save(state, tmp_path / "book.pth")
-    assert torch.equal(logits(load_pretrained(tmp_path / "book.pth")), logits(ours))
+def book_model(qkv_bias: bool = True):
+    """The book's own `GPTModel` (its published package, llms-from-scratch) in the gpt2-tiny shape, with
+    every tensor random and distinct: LayerNorm scales and shifts, biases, embeddings, the head."""
+    from llms_from_scratch.ch04 import GPTModel
 
-
-def test_book_training_checkpoint_without_qkv_bias_and_untied_head(tmp_path):
     torch.manual_seed(0)
-    ours = GPT(GPTConfig.from_preset("gpt2-tiny", tie_embeddings=False))
+    model = GPTModel({"vocab_size": 50257, "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
+                      "drop_rate": 0.0, "qkv_bias": qkv_bias}).eval()
     with torch.no_grad():
-        for block in ours.blocks:
-            block.attn.qkv.bias.zero_()
-    state = {k: v for k, v in book_state_dict(ours).items() if not k.endswith(("W_query.bias", "W_key.bias", "W_value.bias"))}
-    state["trf_blocks.0.att.mask"] = torch.ones(4, 4)  # the book's causal-mask buffer is ignored
-    torch.save({"model_state_dict": state, "optimizer_state_dict": {}}, tmp_path / "model_and_optimizer.pth")
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if name.endswith((".scale", ".shift", ".bias")) else 0.05)
+                    + (1.0 if name.endswith(".scale") else 0.0))
+    return model
+
+
+def test_book_pth_gives_the_book_models_logits(tmp_path):
+    book = book_model()
+    torch.save(book.state_dict(), tmp_path / "book.pth")  # how the book saves a model (chapter 5)
+    ours = load_pretrained(tmp_path / "book.pth")
+    assert not ours.config.tie_embeddings  # the book's out_head is its own matrix
+    with torch.no_grad():
+        assert (logits(ours) - book(IDX)).abs().max().item() <= 1e-5
+
+
+def test_book_training_checkpoint_without_qkv_bias(tmp_path):
+    book = book_model(qkv_bias=False)
+    torch.save({"model_state_dict": book.state_dict(), "optimizer_state_dict": {}}, tmp_path / "model_and_optimizer.pth")
     loaded = load_pretrained(tmp_path / "model_and_optimizer.pth")
-    assert not loaded.config.tie_embeddings
-    assert torch.equal(logits(loaded), logits(ours))
+    assert all(torch.equal(block.attn.qkv.bias, torch.zeros_like(block.attn.qkv.bias)) for block in loaded.blocks)
+    with torch.no_grad():
+        assert (logits(loaded) - book(IDX)).abs().max().item() <= 1e-5
 
 
 def test_pytorch_model_bin_directory(tmp_path, small_hf):
