@@ -100,9 +100,11 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, 
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Logits to sample from: divided by `temperature` (> 0), then all but the `top_k` largest set to
+    -inf, then all but the smallest set of tokens holding `top_p` of the probability mass (the order and
+    rules of transformers' temperature, top-k and top-p warpers)."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
@@ -113,5 +115,11 @@ def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top
         # Drop a token when the tokens ranked above it already hold top_p of the mass (keeps the top one).
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return logits
 
+
+def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from finetune import load_pretrained
-from finetune.generate import generate
+from finetune.generate import filter_logits, generate
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045], [40, 1101], [1212, 318, 257]]
 
@@ -69,6 +69,25 @@ def test_sampling_limits(models):
     assert generate(ours, PROMPTS, 10, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0)) == greedy
     runs = [generate(ours, PROMPTS, 10, temperature=1.0, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
     assert runs[0] == runs[1] != greedy
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, None, None), (1.3, 50, None), (1.0, None, 0.9),
+                                                       (0.8, 40, 0.95), (2.0, 5, 0.5), (0.5, None, 0.3)])
+def test_sampling_filters_equal_transformers_warpers(temperature, top_k, top_p):
+    """On fixed logits: the same tokens kept, with the same probabilities, as transformers' warpers in
+    the order its generate applies them (temperature, top-k, top-p)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = 3 * torch.randn(4, 1000, generator=torch.Generator().manual_seed(7))
+    reference = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k is not None:
+        reference = TopKLogitsWarper(top_k)(None, reference)
+    if top_p is not None:
+        reference = TopPLogitsWarper(top_p)(None, reference)
+    ours = filter_logits(logits, temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(reference))
+    assert (ours.isfinite().sum(-1) < 1000).all() or (top_k is None and top_p is None)
+    assert torch.allclose(ours.softmax(-1), reference.softmax(-1), atol=1e-6)
 
 
 def test_overlong_prompt_is_truncated_with_a_warning(models):
