@@ -3,12 +3,17 @@
 import json
 
 import pytest
+import torch
 from rouge_score import rouge_scorer
+from safetensors.torch import load_file
 
+from finetune import load_pretrained
 from finetune.data import INSTRUCTIONS, bundled
 from finetune.errors import UserError
 from finetune.recipes.instruct import Collate, Example, InstructData, Record, format_prompt, read_records, split_records
 from finetune.tokenizer import EOT_ID
+from finetune.trainer import Trainer
+from finetune.weights import build_model, load_model
 from tests.helpers import cli, one_line_error
 
 I = -100
@@ -97,15 +102,59 @@ def test_tiny_run_end_to_end(tmp_path, small_data, capsys):
     assert code == 0, err  # a run directory stands for the checkpoint it kept
 
 
-def test_lora_instruct_run(tmp_path, small_data, capsys):
+def test_lora_instruct_run_prints_its_progress_and_trains_only_the_adapters(tmp_path, small_data, capsys):
     out = tmp_path / "run"
-    code, _, err = cli(capsys, *tiny_instruct_args(out, f"data.path={small_data}", "finetune.trainable=lora",
-                                                   "lora.rank=4", "lora.alpha=8"))
+    args = [a for a in tiny_instruct_args(out, f"data.path={small_data}", "finetune.trainable=lora", "lora.rank=4",
+                                          "lora.alpha=8") if a != "--quiet"]
+    code, printed, err = cli(capsys, *args)
     assert code == 0, err
-    assert (out / "best" / "adapter.safetensors").exists()
+    # Not --quiet: a sample response at each evaluation (step 0 and the end of the epoch) and the summary.
+    sample = split_records(read_records(small_data, InstructData()), InstructData())["val"][0].instruction
+    assert err.count(f"sample response to {sample!r}: ") == 2, err
+    assert "loss  perplexity" in printed and "test responses: ROUGE-L" in printed and "results in" in printed
+
+    stored = load_file(out / "best" / "adapter.safetensors")
+    targets = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+    assert set(stored) == {f"blocks.{i}.{t}.lora_{m}" for i in range(2) for t in targets for m in "AB"}
+    adapted, _ = load_model(out / "best")
+    torch.manual_seed(123)  # the run's seed: the random-init base it adapted
+    base = build_model("gpt2-tiny", "random")
+    for name, p in adapted.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base.state_dict()[name.replace(".base", "")]), f"{name} changed"
+    assert any(not torch.equal(t, torch.zeros_like(t)) for n, t in stored.items() if n.endswith("lora_B"))
+
     assert cli(capsys, "merge", str(out), str(tmp_path / "merged"))[0] == 0
+    merged = load_pretrained(tmp_path / "merged")
+    ids = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (adapted.eval()(ids) - merged.eval()(ids)).abs().max().item() <= 1e-5
     code, _, err = cli(capsys, "generate", "--model", str(tmp_path / "merged"), "--prompt", "Hello", "--max-new-tokens", "3")
     assert code == 0, err
+
+
+def test_interrupted_and_resumed_instruct_run_ends_the_same(tmp_path, small_data, capsys, monkeypatch):
+    extra = (f"data.path={small_data}", "train.epochs=2", "model.dropout=0.1", "train.checkpoint_every=3")
+    code, _, err = cli(capsys, *tiny_instruct_args(tmp_path / "full", *extra))
+    assert code == 0, err
+    original, saves = Trainer.save_checkpoint, [0]
+
+    def save_then_die(self):
+        original(self)
+        saves[0] += 1
+        if saves[0] == 2:  # step 6 of 7 in the first epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    assert cli(capsys, *tiny_instruct_args(tmp_path / "cut", *extra))[0] == 130
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    code, _, err = cli(capsys, *tiny_instruct_args(tmp_path / "cut", *extra, "resume=true"))
+    assert code == 0, err
+    for name in ("best/model.safetensors", "checkpoints/step-0000014/model.safetensors"):
+        full, cut = load_file(tmp_path / "full" / name), load_file(tmp_path / "cut" / name)
+        assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full), name
+    for name in ("metrics.jsonl", "metrics.json", "responses.jsonl"):
+        assert (tmp_path / "full" / name).read_text() == (tmp_path / "cut" / name).read_text(), name
 
 
 def test_bad_inputs_exit_2(tmp_path, small_data, capsys):

@@ -97,8 +97,12 @@ def test_gpt2_124m_counts_and_adapter_size(tmp_path):
     # Per block: qkv 16*(768+2304) + proj 16*(768+768) + fc and proj 2*16*(768+3072); head 16*(768+2).
     assert trainable == 12 * (49_152 + 24_576 + 2 * 61_440) + 12_320 == 2_371_616
     write_directory(tmp_path / "adapter", model_files(model, {"base": {"name": "gpt2", "init": "pretrained", "seed": 0}}))
-    size = (tmp_path / "adapter" / "adapter.safetensors").stat().st_size
-    assert size < 15_000_000
+    adapter = tmp_path / "adapter" / "adapter.safetensors"
+    targets = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+    expected = {f"gpt.blocks.{i}.{t}.lora_{m}" for i in range(12) for t in targets for m in "AB"}
+    assert set(load_file(adapter)) == expected | {"head.lora_A", "head.lora_B", "head.weight", "head.bias"}
+    # The trained tensors in fp32 and a JSON header of a few kB: 9.5 MB, nothing else.
+    assert 4 * (2_371_616 + 2 * 768 + 2) < adapter.stat().st_size < 4 * (2_371_616 + 2 * 768 + 2) + 20_000
     apply_targets = apply_lora(GPT(GPTConfig.from_preset("gpt2")), rank=16, alpha=16, targets=ALL_BLOCK_LINEARS)
     assert parameter_counts(apply_targets)[0] == 12 * (49_152 + 24_576 + 2 * 61_440) == 2_359_296
 
