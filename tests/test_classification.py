@@ -180,3 +180,24 @@ def test_a_run_reads_its_data_once(tmp_path, capsys):
                                                          "train.epochs=1"))
     assert code == 0, err
     assert err.count("duplicate text(s) kept") == 1, err
+
+
+def test_baseline_equals_a_scikit_learn_pipeline_on_the_same_split():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score, log_loss
+    from sklearn.pipeline import make_pipeline
+
+    frame = ticket_frame(classes=4, per_class=15)
+    data = classification.LabelledData({"train": [], "test": []}, sorted(TEAMS[:4]))
+    rows = [(data.labels.index(team), body) for body, team in zip(frame["body"], frame["team"])]
+    data.splits = {"train": rows[:40], "test": rows[40:]}  # every class in both (rows cycle through them)
+    ours = classification.tfidf_baseline(data)["test"]
+    pipeline = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(C=10.0, max_iter=1000))
+    pipeline.fit([t for _, t in data.splits["train"]], [label for label, _ in data.splits["train"]])
+    texts, labels = [t for _, t in data.splits["test"]], [label for label, _ in data.splits["test"]]
+    predicted = pipeline.predict(texts)
+    assert ours["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert ours["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    assert ours["loss"] == pytest.approx(log_loss(labels, pipeline.predict_proba(texts)))
+    assert ours["accuracy"] < 1.0 or ours["loss"] > 0  # a real task, not a degenerate one
