@@ -1,11 +1,15 @@
 """Training steps on the GPT-2 124M shape (random weights), ours beside transformers (+ peft):
 spam classification (batch 8 x 128) with full, last-block and LoRA (r=16 on every linear layer, head
-included) fine-tuning, and instruction tuning (causal LM, full, batch 4 x 256). Prints median ms/step,
-peak resident memory and achieved GFLOP/s against the machine's measured matmul peak; each case runs
-in its own process so that peak memory is its own.
+included) fine-tuning, and instruction tuning (causal LM, full, batch 4 x 256).
+
+Two settings. `same` (like with like): dropout 0 and the same AdamW (fused, weight decay on matrices
+only) on both sides. `default`: each side as it comes: ours with dropout 0 and its trainer's fused
+AdamW, transformers with its default dropout 0.1 and torch's default AdamW. Each case runs `--repeats`
+times, each time in a fresh process (so peak memory is its own); a repeat is the median of `--steps`
+timed steps after a warm-up. The table gives the median over repeats and the min-max spread.
 
     pip install -e ".[bench]"   # transformers and peft
-    python benchmarks/train_step.py [--steps 5] [--precision fp32 bf16] [--method full last_block lora instruct]
+    python benchmarks/train_step.py [--steps 5] [--repeats 3] [--setting same default] [--precision fp32 bf16]
 """
 
 from __future__ import annotations
@@ -62,13 +66,14 @@ def build_ours(method: str) -> torch.nn.Module:
     return model
 
 
-def build_transformers(method: str) -> torch.nn.Module:
+def build_transformers(method: str, setting: str) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
+    dropout = {} if setting == "default" else {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     if method == "instruct":
-        return GPT2LMHeadModel(GPT2Config())
+        return GPT2LMHeadModel(GPT2Config(**dropout))
 
-    model = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=50256))
+    model = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=50256, **dropout))
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -81,16 +86,18 @@ def build_transformers(method: str) -> torch.nn.Module:
     return model
 
 
-def run_case(implementation: str, method: str, steps: int, batch: int, length: int, precision: str) -> dict:
-    torch.manual_seed(0)
-    model = (build_ours if implementation == "ours" else build_transformers)(method).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if implementation == "ours":
-        from finetune.trainer import adamw
+def run_case(implementation: str, method: str, steps: int, batch: int, length: int, precision: str,
+             setting: str) -> dict:
+    from finetune.trainer import adamw
 
-        optimizer = adamw(model, lr=1e-5, weight_decay=0.1)  # what our trainer uses (fused)
-    else:
+    torch.manual_seed(0)
+    model = build_ours(method) if implementation == "ours" else build_transformers(method, setting)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if implementation == "transformers" and setting == "default":
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)  # torch's default, as a plain training loop
+    else:
+        optimizer = adamw(model, lr=1e-5, weight_decay=0.1)  # our trainer's: fused, decay on matrices only
     ids = torch.randint(0, 50256, (batch, length), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(2))
@@ -125,40 +132,59 @@ def run_case(implementation: str, method: str, steps: int, batch: int, length: i
     }
 
 
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--setting", nargs="+", default=["same", "default"], choices=["same", "default"])
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--case", nargs=3, metavar=("IMPL", "METHOD", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--case", nargs=4, metavar=("IMPL", "METHOD", "PRECISION", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # one measurement, in this fresh process
         batch, length = SHAPES[args.case[1]]
-        print(json.dumps(run_case(args.case[0], args.case[1], args.steps, batch, length, args.case[2])))
+        print(json.dumps(run_case(args.case[0], args.case[1], args.steps, batch, length, args.case[2], args.case[3])))
         return
 
-    print(f"# training steps, GPT-2 124M shape, median of {args.steps} steps, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {platform.machine()}")
-    print("| method (batch x length) | precision | implementation | trainable params | ms/step | tokens/s | GFLOP/s (% of matmul peak) | peak MiB | speed vs transformers |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"# training steps, GPT-2 124M shape, {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"median of {args.repeats} processes x {args.steps} steps, [min-max] over the processes")
+    print("| setting | method (batch x length) | precision | implementation | trainable params | ms/step [spread] | "
+          "tokens/s | GFLOP/s (% of matmul peak) | peak MiB | speed vs transformers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for precision in args.precision:
         peak = matmul_peak(precision)
-        print(f"| matmul peak | {precision} | 2048² matmul | | | | {peak:.0f} (100%) | | |")
-        for method in args.method:
-            batch, length = SHAPES[method]
-            results = {}
-            for implementation in IMPLEMENTATIONS:
-                result = in_own_process(__file__, "--case", implementation, method, precision, "--steps", str(args.steps))
-                if isinstance(result, str):
-                    print(f"| {method} | {precision} | {implementation} | failed: {result} |")
-                    continue
-                results[implementation] = result
-            for implementation, r in results.items():
-                ratio = results["transformers"]["ms"] / r["ms"] if "transformers" in results else float("nan")
-                gflops = step_flops(method, batch, length, implementation) / r["ms"] / 1e6
-                print(f"| {method} ({batch}x{length}) | {precision} | {implementation} | {r['trainable']:,} | {r['ms']:.0f} | "
-                      f"{batch * length / r['ms'] * 1000:.0f} | {gflops:.0f} ({100 * gflops / peak:.0f}%) | "
-                      f"{r['peak_mib']:.0f} | {ratio:.2f}x |")
+        print(f"| | matmul peak | {precision} | 2048² matmul | | | | {peak:.0f} (100%) | | |")
+        for setting in args.setting:
+            for method in args.method:
+                report(setting, method, precision, args, peak)
+
+
+def report(setting: str, method: str, precision: str, args: argparse.Namespace, peak: float) -> None:
+    batch, length = SHAPES[method]
+    results = {}
+    for implementation in IMPLEMENTATIONS:
+        runs = [in_own_process(__file__, "--case", implementation, method, precision, setting, "--steps", str(args.steps))
+                for _ in range(args.repeats)]
+        failed = [r for r in runs if isinstance(r, str)]
+        if failed:
+            print(f"| {setting} | {method} | {precision} | {implementation} | failed: {failed[0]} |")
+            continue
+        ms = [r["ms"] for r in runs]
+        results[implementation] = {"ms": statistics.median(ms), "low": min(ms), "high": max(ms),
+                                   "peak_mib": max(r["peak_mib"] for r in runs), "trainable": runs[0]["trainable"]}
+    for implementation, r in results.items():
+        ratio = results["transformers"]["ms"] / r["ms"] if "transformers" in results else float("nan")
+        gflops = step_flops(method, batch, length, implementation) / r["ms"] / 1e6
+        print(f"| {setting} | {method} ({batch}x{length}) | {precision} | {implementation} | {r['trainable']:,} | "
+              f"{r['ms']:.0f} [{r['low']:.0f}-{r['high']:.0f}] | {batch * length / r['ms'] * 1000:.0f} | "
+              f"{gflops:.0f} ({100 * gflops / peak:.0f}%) | {r['peak_mib']:.0f} | {ratio:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
