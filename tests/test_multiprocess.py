@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.helpers import cli, small_spam_file, ticket_frame, tiny_classification_args, tiny_spam_args
@@ -58,6 +59,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, capsys, tr
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5  # measured 2e-7; a wrong data split gives 5e-3
     last = [run / "checkpoints" / "step-0000014" for run in (two, one)]
     w2, w1 = (load_file(d / "adapter.safetensors" if trainable == "last_block" else d / "model.safetensors") for d in last)
-    # Summation order differs across processes; Adam scales near-zero gradients up, so single weights
-    # drift by up to ~1e-4 (measured) while losses agree to 2e-7.
-    assert max((w2[k] - w1[k]).abs().max().item() for k in w1) < 1e-3
+    # Summation order differs across processes. One step moves a weight by about lr (1e-3) under Adam;
+    # every weight agrees to well below that (measured <= 1.1e-5, the rarest token embeddings), except
+    # the key part of the qkv bias: softmax ignores a shift shared by all keys, so its exact gradient is 0
+    # and Adam scales the rounding noise up to lr-sized steps (measured 1e-4).
+    n_embd = 64
+    for name in w1:
+        diff = (w2[name] - w1[name]).abs()
+        if name.endswith("attn.qkv.bias"):
+            assert diff[n_embd:2 * n_embd].max().item() < 1e-3, name
+            diff = torch.cat([diff[:n_embd], diff[2 * n_embd:]])
+        assert diff.max().item() < 3e-5, name
