@@ -84,3 +84,11 @@ def tiny_classification_args(out: Path, *extra: str) -> list[str]:
     """CLI arguments for a seconds-long classification run of gpt2-tiny (add data.* settings)."""
     return ["run", "classification", "--quiet", "--config", "classification_tiny", f"output_dir={out}",
             "train.epochs=2", "train.batch_size=8", "data.max_length=32", *extra]
+
+
+def ticket_run_args(directory: Path, classes: int = 5, per_class: int = 16):
+    """(out, *extra) -> CLI arguments for a tiny classification run on generated tickets written to `directory`."""
+    path = directory / "tickets.csv"
+    ticket_frame(classes=classes, per_class=per_class).to_csv(path, index=False)
+    return lambda out, *extra: tiny_classification_args(
+        out, f"data.path={path}", "data.text_field=body", "data.label_field=team", *extra)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import cli, small_spam_file, ticket_frame, tiny_classification_args, tiny_spam_args
+from tests.helpers import cli, small_spam_file, ticket_run_args, tiny_spam_args
 
 
 @pytest.mark.parametrize("trainable, classes", [("all", 2), ("last_block", 2), ("last_block", 5)],
@@ -24,9 +24,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, capsys, tr
         data = small_spam_file(tmp_path / "sms.tsv", per_label=41)
         run_args, sizes = (lambda out, *extra: tiny_spam_args(data, out, *extra)), (("train", 56), ("val", 9), ("test", 17))
     else:
-        ticket_frame(classes=5, per_class=16).to_csv(tmp_path / "tickets.csv", index=False)
-        run_args = lambda out, *extra: tiny_classification_args(  # noqa: E731
-            out, f"data.path={tmp_path / 'tickets.csv'}", "data.text_field=body", "data.label_field=team", *extra)
+        run_args = ticket_run_args(tmp_path)
         sizes = (("train", 56), ("val", 8), ("test", 16))
     common = ("train.epochs=2", "train.eval_every=3", "train.eval_batch_size=4", f"finetune.trainable={trainable}")
     two = tmp_path / "two"

@@ -22,8 +22,7 @@ from tests.helpers import (
     cli,
     one_line_error,
     small_spam_file,
-    ticket_frame,
-    tiny_classification_args,
+    ticket_run_args,
     tiny_spam_args,
 )
 
@@ -107,9 +106,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, data,
     if classes == 2:
         run_args = lambda out, *extra: tiny_spam_args(data, out, *extra)  # noqa: E731
     else:  # 80 tickets: 56 train, 7 steps an epoch as for the spam data
-        ticket_frame(classes=5, per_class=16).to_csv(tmp_path / "tickets.csv", index=False)
-        run_args = lambda out, *extra: tiny_classification_args(  # noqa: E731
-            out, f"data.path={tmp_path / 'tickets.csv'}", "data.text_field=body", "data.label_field=team", *extra)
+        run_args = ticket_run_args(tmp_path)
     extra = ("train.checkpoint_every=3", "train.keep_last=2", *method)
     code, _, err = cli(capsys, *run_args(tmp_path / "full", *extra))
     assert code == 0, err
@@ -177,9 +174,7 @@ def test_feature_cache_gives_the_same_run(tmp_path, data, capsys, classes):
     if classes == 2:
         run_args = lambda out, *extra: tiny_spam_args(data, out, *extra)  # noqa: E731
     else:
-        ticket_frame(classes=5, per_class=16).to_csv(tmp_path / "tickets.csv", index=False)
-        run_args = lambda out, *extra: tiny_classification_args(  # noqa: E731
-            out, f"data.path={tmp_path / 'tickets.csv'}", "data.text_field=body", "data.label_field=team", *extra)
+        run_args = ticket_run_args(tmp_path)
     runs = {}
     for cache in ("true", "false"):
         out = tmp_path / cache
