@@ -24,9 +24,9 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, **config):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "ln_" in name and name.endswith(".weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.05 * torch.randn_like(p))
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):  # below the embeddings' 0.02, or they would drown the tokens
+                p.copy_(0.01 * torch.randn_like(p))
     model.save_pretrained(directory)
     return model
 
