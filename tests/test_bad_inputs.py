@@ -67,6 +67,14 @@ def files(tmp_path_factory):
     (root / "latin1.csv").write_bytes(b"body,team\nok,a\ncaf\xe9,b\n")
     import pandas as pd
     pd.DataFrame({"body": ["x", "y", "z"], "team": ["a", None, "b"]}).to_parquet(root / "nanlabel.parquet")
+    import torch
+
+    from finetune import GPT, GPTConfig
+    from finetune.checkpoint import write_directory
+    from finetune.serialization import model_files
+
+    torch.manual_seed(0)
+    write_directory(root / "lm_ckpt", model_files(GPT(GPTConfig.from_preset("gpt2-tiny")), {}))
     corrupt = root / "corrupt_ckpt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}))
@@ -133,6 +141,11 @@ CASES = [
      "no data: set data.path"),
     ("predict-out-exists", lambda o, d, f: ["predict", str(o), "--data", str(f / "tickets.csv"), "--out", str(f / "tickets.csv")],
      "tickets.csv exists; choose a new file"),
+    ("predict-not-a-classifier", lambda o, d, f: ["predict", str(f / "lm_ckpt"), "--data", str(f / "tickets.csv"),
+                                                  "--out", str(f / "p.csv")], "lm_ckpt: a lm checkpoint, not a classifier"),
+    ("classify-not-a-classifier", lambda o, d, f: ["classify", str(f / "lm_ckpt"), "--text", "hi"], "a lm checkpoint, not a classifier"),
+    ("predict-empty-text", lambda o, d, f: ["predict", str(o), "--data", str(f / "emptytext.csv"), "--text-field", "body",
+                                            "--out", str(f / "p.csv")], "emptytext.csv: row 13: empty text"),
     ("predict-missing-column", lambda o, d, f: ["predict", str(o), "--data", str(f / "tickets.csv"), "--out", str(f / "p.csv")],
      "tickets.csv: no column 'text' (columns: body, team); set --text-field"),
     # config
