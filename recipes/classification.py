@@ -475,11 +475,17 @@ RECIPE = Classification("classification", ClassificationConfig)
 # -- predictions --------------------------------------------------------------------------------
 
 
+def load_classifier(source: Path) -> tuple[GPTClassifier, dict]:
+    """A classification checkpoint (or a classification run's kept one), refusing any other kind."""
+    model, meta = load_model(resolve(source))
+    if meta.get("task") != "classification":
+        raise UserError(f"{source}: a {meta.get('task')} checkpoint, not a classifier; give a classification run")
+    return model, meta
+
+
 @torch.no_grad()
 def predict(model: GPTClassifier, meta: dict, texts: list[str], batch_size: int = 32, quiet: bool = True) -> torch.Tensor:
     """Class probabilities `(len(texts), classes)` in input order, batched shortest-first."""
-    if meta.get("task") != "classification":
-        raise UserError(f"a {meta.get('task')} checkpoint, not a classifier; give a classification run")
     encoded = encode([(0, text) for text in texts], meta["max_length"], meta.get("keep", "start"))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.ids[i]))
     collate = Collate.for_pool(meta["pool"], meta["max_length"])
@@ -498,9 +504,7 @@ def predict_file(source: Path, data: Path, out: Path, text_field: str | None = N
     class's probability (`p_<class>`). Returns the number of rows."""
     if out.exists():
         raise UserError(f"{out} exists; choose a new file for the predictions")
-    model, meta = load_model(resolve(source))
-    if meta.get("task") != "classification":
-        raise UserError(f"{source}: a {meta.get('task')} checkpoint, not a classifier")
+    model, meta = load_classifier(source)
     table = read_table(data, fmt, delimiter, setting="--data")
     texts = table.column(text_field or meta.get("text_field", "text"), "--text-field").tolist()
     for i, text in enumerate(texts):

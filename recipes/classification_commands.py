@@ -32,13 +32,11 @@ def add_commands(commands) -> None:
 def run_classify(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from finetune.recipes.classification import predict
-    from finetune.runs import resolve
-    from finetune.weights import load_model
+    from finetune.recipes.classification import load_classifier, predict
 
     if any(not text.strip() for text in args.text):
         raise UserError("--text is empty; give a text to classify")
-    model, meta = load_model(resolve(Path(args.checkpoint)))
+    model, meta = load_classifier(Path(args.checkpoint))
     probs = predict(model, meta, args.text)
     for text, p in zip(args.text, probs):
         print(f"{meta['labels'][int(p.argmax())]}\t{float(p.max()):.4f}\t{text}")
