@@ -51,7 +51,7 @@ def generate(
     was_training = model.training
     model.eval()
     B = len(prompts)
-    cache = KVCache(model.config, B, T + n, device, next(model.parameters()).dtype) if use_cache else None
+    cache = KVCache(model.config, B, T + n) if use_cache else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     step_input, step_positions = tokens, positions
     for _ in range(n):

@@ -69,17 +69,24 @@ PRESETS: dict[str, dict] = {
 
 
 class KVCache:
-    """Keys and values of every layer for positions already seen, preallocated for `max_len`."""
+    """Keys and values of every layer for positions already seen, preallocated for `max_len`.
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
+    Allocated at the first update, in the dtype of the keys and values it receives: under autocast
+    they are bf16/fp16 beside fp32 weights, and a cache in the weights' dtype would take twice the
+    memory and a cast per layer per token."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int) -> None:
         head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
         self.length = 0  # positions filled so far
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions of `layer`; return all keys and values up to them."""
+        if self.k is None:
+            self.k = k.new_empty(self.shape)
+            self.v = v.new_empty(self.shape)
         start, end = self.length, self.length + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v

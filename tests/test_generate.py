@@ -115,3 +115,24 @@ def test_bf16_weights_stay_within_bf16_rounding_and_the_cli_uses_them(models, sm
     assert len(tokens) == len(PROMPTS[0]) + 5 and next(bf16.parameters()).dtype == torch.bfloat16
     code, printed, err = cli(capsys, "generate", "--model", str(small_hf[0]), "--prompt", "Hello", "--max-new-tokens", "4", "--bf16")
     assert code == 0 and printed.strip(), err
+
+
+def test_kv_cache_takes_the_dtype_of_the_keys_under_autocast(models, monkeypatch):
+    """fp32 weights under bf16 autocast (as training's sample generation runs): the cache holds bf16
+    keys and values, not fp32 copies of them."""
+    from finetune.model import KVCache
+
+    ours, _ = models
+    stored = []
+    original = KVCache.update
+
+    def update(self, layer, k, v):
+        result = original(self, layer, k, v)
+        stored.append((k.dtype, self.k.dtype, self.v.dtype))
+        return result
+
+    monkeypatch.setattr(KVCache, "update", update)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate(ours, PROMPTS, 3)
+    assert stored and set(stored) == {(torch.bfloat16,) * 3}
+    assert next(ours.parameters()).dtype == torch.float32
