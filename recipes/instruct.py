@@ -187,7 +187,8 @@ class Collate:
                 target[: e.prompt_length - 1] = [IGNORE] * (e.prompt_length - 1)
             inputs.append(padded[:-1][: self.max_length])
             targets.append(target[: self.max_length])
-        return {"input_ids": torch.tensor(inputs), "targets": torch.tensor(targets)}
+        count = sum(t != IGNORE for row in targets for t in row)  # counted here, on the host
+        return {"input_ids": torch.tensor(inputs), "targets": torch.tensor(targets), "count": count}
 
 
 def trained_tokens(examples: Encoded, collate: Collate) -> tuple[int, int]:
@@ -210,14 +211,15 @@ class InstructTask:
         return next_token_loss(model, batch["input_ids"], batch["targets"])
 
     def count(self, batch: dict) -> int:
-        return int((batch["targets"] != IGNORE).sum())
+        return batch["count"]
 
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator: Accelerator) -> dict:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
         for batch in loader:
-            loss = next_token_loss(model, batch["input_ids"], batch["targets"])
+            with accelerator.autocast():  # the vocabulary products too, not only the model's forward
+                loss = next_token_loss(model, batch["input_ids"], batch["targets"])
             total += torch.stack([loss.double(), (batch["targets"] != IGNORE).sum().double()])
         # Every process saw its own share of the split (accelerate pads the last one with repeats,
         # which are few tokens; they are counted, as in most LM evaluations).

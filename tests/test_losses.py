@@ -29,7 +29,7 @@ def close(grad, expected):
 @pytest.fixture
 def batch():
     torch.manual_seed(0)
-    ids = torch.randint(0, 3000, (3, CHUNK_ROWS // 2 + 7))  # more rows than one chunk, a partial last chunk
+    ids = torch.randint(0, 3000, (3, CHUNK_ROWS["cpu"] // 2 + 7))  # more rows than one chunk, a partial last chunk
     targets = torch.roll(ids, -1, dims=1)
     targets[0, :20] = IGNORE  # a masked prompt
     targets[2, -30:] = IGNORE  # padding
