@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finetune.classifier import GPTClassifier
 from finetune.errors import UserError
 from finetune.model import GPT
 
@@ -101,14 +102,17 @@ def resolve_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> l
     if unknown:
         raise UserError(f"unknown LoRA target {unknown[0]!r}; valid targets: {', '.join((*TARGETS, ALL_LINEAR))}")
     tied = _tied_head(model)
+    unread = "gpt.lm_head" if isinstance(model, GPTClassifier) else None  # a classifier never reads it
     wanted = set(TARGETS) if ALL_LINEAR in targets else set(targets)
     if tied is not None and "lm_head" in targets:
         raise UserError("LoRA target 'lm_head' is tied to the token embedding; merging would change the embedding")
+    if unread is not None and "lm_head" in targets:
+        raise UserError("LoRA target 'lm_head': a classifier never uses the vocabulary head; target 'head' instead")
     names = [
         name
         for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, LoRALinear))
-        and name != tied
+        and name not in (tied, unread)
         and any(name == t or name.endswith("." + t) for t in wanted)
     ]
     if any(isinstance(model.get_submodule(n), LoRALinear) for n in names):

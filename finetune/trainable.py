@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from finetune.classifier import GPTClassifier
 from finetune.config import RunConfig
 from finetune.errors import UserError
 from finetune.lora import apply_lora, unfreeze_modules
@@ -18,7 +19,16 @@ def configure_trainable(model: nn.Module, config: RunConfig) -> nn.Module:
         unfreeze_modules(model, lora.train_modules)
     else:
         mark_trainable(model, config.finetune.trainable, config.finetune.n_blocks)
+    freeze_unread(model)
     return model
+
+
+def freeze_unread(model: nn.Module) -> None:
+    """A classifier never reads its GPT's vocabulary head. When the head is its own tensor (not tied to
+    the token embedding) it gets no gradient, and DDP stops at the second step over a trainable
+    parameter that received none: it stays frozen."""
+    if isinstance(model, GPTClassifier) and not model.gpt.config.tie_embeddings:
+        model.gpt.lm_head.requires_grad_(False)
 
 
 def mark_trainable(model: nn.Module, trainable: str, n_blocks: int = 1) -> None:
