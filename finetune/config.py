@@ -65,7 +65,9 @@ class TrainSection(Section):
     warmup_steps: int = Field(0, ge=0, description="linear warmup before the schedule")
     min_lr_ratio: Float = Field(0.1, ge=0.0, le=1.0, description="cosine decays to lr * min_lr_ratio")
     seed: int = 123
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None, description="null: as accelerate was launched (--mixed_precision, accelerate config); fp32 otherwise")
+    tf32: bool = Field(True, description="TF32 matmuls for fp32 work on GPUs that have them (Ampere and later)")
     eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps; 0 = at epoch ends only")
     eval_at_start: bool = Field(False, description="evaluate the untrained model first (step 0)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps; 0 = epoch ends")

@@ -71,6 +71,7 @@ class CollateFeatures:
             "hidden": hidden,
             "index": torch.tensor(lengths, device=hidden.device) - 1,
             "labels": torch.tensor([label for _, label in batch], device=hidden.device),
+            "host_labels": [label for _, label in batch],
             "start": self.start,
         }
 

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -43,7 +43,10 @@ from finetune.progress import progress
 from finetune.runs import BEST, CHECKPOINTS, checkpoint_dirs, kept_checkpoint
 from finetune.serialization import load_weights, model_files
 from finetune.trainable import parameter_counts
-from finetune.training_state import STATE_JSON, load_training_state, training_state_files
+from finetune.training_state import STATE_JSON, load_training_state, rng_state, training_state_files
+
+# Sharded training needs the loss, clipping and checkpoints written for sharded parameters; DDP is supported.
+UNSUPPORTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
 
 
 class Task(Protocol):
@@ -52,8 +55,9 @@ class Task(Protocol):
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """Sum (not mean) of the per-target losses in `batch`."""
 
-    def count(self, batch: dict) -> int:
-        """Number of targets in `batch` (examples, or unmasked tokens)."""
+    def count(self, batch: dict) -> float:
+        """Number of targets in `batch` (examples, or unmasked tokens), from host data the collate
+        counted: reading a device tensor here would stall the device every step."""
 
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
         """Metrics over the whole loader, gathered across processes."""
@@ -91,18 +95,40 @@ class Interrupted(Exception):
 
 
 def make_accelerator(train: TrainSection) -> Accelerator:
+    """The run's accelerator. Its mixed precision is the one every part of the run follows:
+    `train.mixed_precision`, or when that is unset, what accelerate was launched with."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    wanted = train.mixed_precision
+    if wanted is not None and launched is not None and launched != wanted:
+        raise UserError(f"train.mixed_precision={wanted} but accelerate was launched with mixed precision "
+                        f"'{launched}'; launch with --mixed_precision {wanted}, or leave train.mixed_precision unset")
+    accelerator = _accelerator(wanted)
+    if accelerator.distributed_type in UNSUPPORTED:
+        raise UserError(f"{accelerator.distributed_type.value} is not supported; launch on one device or with "
+                        "DDP (accelerate launch --multi_gpu, or --num_processes N on CPU)")
+    set_tf32(accelerator.device, train.tf32)
+    return accelerator
+
+
+def _accelerator(mixed_precision: str | None) -> Accelerator:
     from accelerate.state import AcceleratorState
 
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one state per process, and a later Accelerator() would inherit the first
+        # one's precision: a run in a process that ran another (a notebook, the tests) starts afresh.
+        AcceleratorState._reset_state()
     try:
-        return Accelerator(mixed_precision=train.mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision)
     except ValueError as e:
-        # accelerate keeps one state per process: a second run in the same process (a notebook, the
-        # tests) may ask for another precision. A single process can start afresh; a launched
-        # multi-process run cannot.
-        if "already been initialized" not in str(e) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError(f"train.mixed_precision={train.mixed_precision}: {' '.join(str(e).split())}") from e
-    AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=train.mixed_precision)
+        raise UserError(f"train.mixed_precision={mixed_precision}: {' '.join(str(e).split())}") from e
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 matmuls (10-bit mantissa, fp32 range) for fp32 work on CUDA GPUs that have them: several
+    times the fp32 throughput, at about bf16-autocast accuracy for the products. CPUs are left alone."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 class Trainer:
@@ -131,6 +157,8 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.state = TrainState()
         self.world = accelerator.num_processes
+        self.received: list[int] = []  # signals this process received (set by fit)
+        self.stop_signal: int | None = None  # a SIGINT/SIGTERM seen by any process, agreed at a step's end
 
         trainable, total = parameter_counts(model)
         if trainable == 0:
@@ -139,6 +167,7 @@ class Trainer:
             tqdm.write(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)", file=sys.stderr)
         self.optimizer = adamw(model, self.train_cfg.lr, self.train_cfg.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         eval_bs = self.train_cfg.eval_batch_size or self.train_cfg.batch_size
         self.val_loader = accelerator.prepare(eval_loader(val_set, eval_bs, collate))
 
@@ -156,19 +185,19 @@ class Trainer:
             self._resume()
         bar = progress(None, "training", quiet=self.quiet or not self.accelerator.is_main_process,
                        total=self.total_steps, initial=self.state.step)
-        with _signals_to_flag() as stop:
-            self._loop(bar, stop)
+        with _signals_to_flag() as self.received:
+            self._loop(bar)
         bar.close()
         self.state.finished = True
         self.save_checkpoint()
         if self.state.stopped_early:
             self._print(f"stopped early at step {self.state.step}: no improvement in {cfg.patience} evaluations")
-        kept = kept_checkpoint(self.out)
+        kept = Path(self._main_decides(lambda: str(kept_checkpoint(self.out))))
         # End holding the kept (best) weights, as they are evaluated next: no second model in memory.
         load_weights(self.accelerator.unwrap_model(self.model), kept)
         return FitResult(kept, self.state, _read_jsonl(self.out / "metrics.jsonl"))
 
-    def _loop(self, bar, stop: list[int]) -> None:
+    def _loop(self, bar) -> None:
         cfg = self.train_cfg
         if cfg.eval_at_start and self.state.step == 0 and self.state.last_eval_step is None:
             self._evaluate(bar)
@@ -185,9 +214,9 @@ class Trainer:
                 self._log(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if stop:
+                if self.stop_signal:  # every process agreed on it in this step's all-reduce
                     self.save_checkpoint()
-                    raise Interrupted(stop[0], self.state.step, self.out)
+                    raise Interrupted(self.stop_signal, self.state.step, self.out)
                 if cfg.eval_every and self.state.step % cfg.eval_every == 0:
                     self._evaluate(bar)
                     if self.state.stopped_early:
@@ -200,8 +229,6 @@ class Trainer:
             if self.state.last_eval_step != self.state.step:
                 self._evaluate(bar)
             self.save_checkpoint()
-            if stop:
-                raise Interrupted(stop[0], self.state.step, self.out)
 
     def _train_loader(self, epoch: int, skip_batches: int) -> DataLoader:
         """This epoch's shuffled order (a function of seed and epoch), minus the batches already done."""
@@ -213,41 +240,56 @@ class Trainer:
         return self.accelerator.prepare(loader)
 
     def _optimizer_step(self, micro: list[dict], lr: float) -> float:
-        """One optimizer step over micro-batches, the loss normalised by the targets of all of them
-        on all processes (exact under accumulation and for batches of unequal size)."""
-        acc = self.accelerator
-        count = torch.tensor(sum(self.task.count(b) for b in micro), device=acc.device, dtype=torch.float64)
-        total = acc.reduce(count, reduction="sum").item()
+        """One optimizer step over micro-batches; returns the loss per target.
+
+        The summed loss is back-propagated as it is. Then one all-reduce of [targets, loss, SIGINT
+        seen, SIGTERM seen, gradient norm²], the step's only wait for the device, gives every process
+        the same numbers: the gradients are divided by the targets of all micro-batches on all
+        processes (exact under accumulation and for batches of unequal size) and clipped in one pass,
+        and a stop signal that reached any process stops them all after this step.
+        """
+        acc, cfg = self.accelerator, self.train_cfg
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
-        loss_sum = 0.0
+        count = float(sum(self.task.count(b) for b in micro))
+        loss_sum = torch.zeros((), device=acc.device)
         for i, batch in enumerate(micro):
             sync = acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
             with sync:
-                loss = self.task.loss(self.model, batch)
-                # DDP averages gradients over processes; scaling by world size makes it a sum.
-                acc.backward(loss * (self.world / total))
-            loss_sum += loss.detach().float().item()
-        loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum").item() / total
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.train_cfg.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(params, self.train_cfg.max_grad_norm))
-        else:  # the norm only to catch NaN/inf: no clipping pass over the gradients
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                with acc.autocast():  # the task's own computation too (e.g. the chunked vocabulary loss)
+                    loss = self.task.loss(self.model, batch)
+                acc.backward(loss * self.world)  # DDP averages gradients over processes: × world makes it a sum
+            loss_sum += loss.detach().float()
+        fp16 = acc.mixed_precision == "fp16"
+        if fp16:
+            acc.unscale_gradients()  # the loss scaler's factor out before the norm is taken
+        grads = [p.grad for p in self.params if p.grad is not None]
+        host = torch.tensor([count, signal.SIGINT in self.received, signal.SIGTERM in self.received],
+                            dtype=torch.float64, device=acc.device)
+        # DDP left the same gradients on every process: their norm² sums to world × norm².
+        device_side = torch.stack([loss_sum.double(), torch.nn.utils.get_total_norm(grads).double().square()])
+        total, sigint, sigterm, loss_total, norm_sq = acc.reduce(torch.cat([host, device_side]), reduction="sum").tolist()
+        if sigint or sigterm:
+            self.stop_signal = signal.SIGINT if sigint else signal.SIGTERM
+        loss = loss_total / total
+        grad_norm = math.sqrt(norm_sq / self.world) / total
         # Under fp16, infinite gradients are the loss scaler's business: it skips the step and lowers the scale.
-        grads_ok = math.isfinite(grad_norm) or self.train_cfg.mixed_precision == "fp16"
-        if not (math.isfinite(loss) and grads_ok):
+        if not (math.isfinite(loss) and (math.isfinite(grad_norm) or fp16)):
             self.optimizer.zero_grad(set_to_none=True)  # the weights stay as they were
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             where = f"step {self.state.step + 1} (epoch {self.state.epoch + 1}, batch {self.state.batches_in_epoch + 1})"
-            if self.train_cfg.on_nonfinite == "stop":
+            if cfg.on_nonfinite == "stop":
                 raise UserError(f"non-finite {what} at {where}; the last good checkpoint is kept in "
                                 f"{self.out / CHECKPOINTS}; lower train.lr, set train.max_grad_norm, "
                                 "or set train.on_nonfinite=skip")
             self.state.nonfinite_skipped += 1
             self._print(f"skipped {where}: non-finite {what}")
             return loss
+        scale = 1 / total
+        if cfg.max_grad_norm is not None and grad_norm > cfg.max_grad_norm:
+            scale *= cfg.max_grad_norm / (grad_norm + 1e-6)  # clip, as torch.nn.utils.clip_grad_norm_ does
+        torch._foreach_mul_(grads, scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
@@ -295,36 +337,58 @@ class Trainer:
 
     def _save(self, directory: Path, with_training_state: bool) -> None:
         self.accelerator.wait_for_everyone()
+        # Every process's random state, so that each draws its own dropout masks again after a resume.
+        rngs = gather_object([rng_state(self.accelerator.device)]) if with_training_state else []
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self.model)
             files = model_files(model, self.meta)
             files["run_config.yaml"] = lambda path: path.write_text(self.config.to_yaml())
             if with_training_state:
-                files.update(training_state_files(self.optimizer, asdict(self.state)))
+                files.update(training_state_files(self.optimizer, {**asdict(self.state), "processes": self.world}, rngs))
             checkpoint.write_directory(directory, files)
         self.accelerator.wait_for_everyone()
 
-    def _resume(self) -> None:
+    def _main_decides(self, decide: Callable[[], Any]) -> Any:
+        """Run `decide` on the main process alone (it may rename and check files) and give every process
+        its answer, or its error: a process left waiting for an answer would hang the run."""
+        answer = [None, None]
+        if self.accelerator.is_main_process:
+            try:
+                answer = [decide(), None]
+            except UserError as e:
+                answer = [None, str(e)]
+        if self.world > 1:
+            broadcast_object_list(answer)
+        if answer[1] is not None:
+            raise UserError(answer[1])
+        return answer[0]
+
+    def _latest_checkpoint(self) -> str | None:
+        """The newest checkpoint whose files match their checksums (damaged ones skipped with a warning)."""
         dirs = checkpoint_dirs(self.out)
-        latest = None
         for candidate in reversed(dirs):
             try:
                 checkpoint.verify(candidate)
             except checkpoint.CorruptCheckpoint as e:
-                warnings.warn(f"skipping a damaged checkpoint: {e}", stacklevel=2)
+                warnings.warn(f"skipping a damaged checkpoint: {e}", stacklevel=3)
                 continue
-            latest = candidate
-            break
+            return str(candidate)
+        if dirs:
+            raise UserError(f"{self.out / CHECKPOINTS}: all {len(dirs)} checkpoints are damaged; "
+                            "start again with overwrite=true")
+        return None
+
+    def _resume(self) -> None:
+        latest = self._main_decides(self._latest_checkpoint)
         if latest is None:
-            if dirs:
-                raise UserError(f"{self.out / CHECKPOINTS}: all {len(dirs)} checkpoints are damaged; "
-                                "start again with overwrite=true")
             self._print(f"resume=true: no checkpoint in {self.out / CHECKPOINTS}; starting from the beginning")
             if self.accelerator.is_main_process:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             return
+        latest = Path(latest)
+        document = load_training_state(latest, self.optimizer, self.accelerator.process_index, self.world,
+                                       self.accelerator.device)
         load_weights(self.accelerator.unwrap_model(self.model), latest)
-        document = load_training_state(latest, self.optimizer)
         self.state = TrainState(**{k: document[k] for k in asdict(TrainState()) if k in document})
         self._print(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch + 1})")
         # Rows logged after that checkpoint belong to lost work; they are logged again.

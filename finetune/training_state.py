@@ -1,5 +1,6 @@
-"""A trainer's state beside the model in a resumable checkpoint: optimizer moments and RNG states as
-safetensors, the rest (step, data position, param groups) as JSON, so that resuming unpickles nothing."""
+"""A trainer's state beside the model in a resumable checkpoint: optimizer moments and every process's
+RNG states as safetensors, the rest (step, data position, param groups) as JSON, so that resuming
+unpickles nothing."""
 
 from __future__ import annotations
 
@@ -11,19 +12,27 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.checkpoint import read_json
+from finetune.errors import UserError
 from finetune.serialization import read_tensors
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "trainer_state.json"
 
 
-def training_state_files(optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict[str, Callable[[Path], None]]:
-    """Optimizer moments and RNG as tensors, the rest (step, data position, param groups) as JSON."""
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's generators: the CPU one and its own accelerator's (dropout draws from both)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def training_state_files(optimizer: torch.optim.Optimizer, trainer_state: dict,
+                         rng_states: list[dict[str, torch.Tensor]]) -> dict[str, Callable[[Path], None]]:
+    """Optimizer moments and the RNG states of every process (`rng_states[rank]`) as tensors; the rest
+    (step, data position, param groups) as JSON."""
     opt = optimizer.state_dict()
-    tensors = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
+    tensors = {f"rng.{rank}.{name}": state for rank, states in enumerate(rng_states) for name, state in states.items()}
     for param_id, values in opt["state"].items():
         for key, value in values.items():
             tensors[f"optim.{param_id}.{key}"] = value.detach().to("cpu").contiguous()
@@ -34,9 +43,15 @@ def training_state_files(optimizer: torch.optim.Optimizer, trainer_state: dict) 
     }
 
 
-def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore optimizer and RNG from a checkpoint; return the trainer's own state."""
+def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, rank: int, processes: int,
+                        device: torch.device) -> dict:
+    """Restore the optimizer and process `rank`'s RNG states from a checkpoint written by as many
+    processes; return the trainer's own state."""
     document = read_json(Path(directory) / STATE_JSON)
+    if document.get("processes") != processes:
+        written = document.get("processes") or "an unknown number of"
+        raise UserError(f"{directory}: written by {written} processes, resumed on {processes}; resume with the "
+                        "same number of processes (the data order and each one's random state depend on it)")
     tensors = dict(read_tensors(Path(directory) / STATE_TENSORS))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
@@ -44,8 +59,7 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
             _, param_id, key = name.split(".", 2)
             state.setdefault(int(param_id), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": document.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    torch.set_rng_state(tensors[f"rng.{rank}.cpu"])
+    if device.type == "cuda" and f"rng.{rank}.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng.{rank}.cuda"], device)
     return document

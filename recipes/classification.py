@@ -296,6 +296,7 @@ class Collate:
             "input_ids": torch.tensor([ids + [EOT_ID] * (width - len(ids)) for ids, _ in batch]),
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch]),
             "labels": torch.tensor([label for _, label in batch]),
+            "host_labels": [label for _, label in batch],  # for counting without waiting for the device
         }
 
 
@@ -307,6 +308,7 @@ class ClassificationTask:
 
     def __init__(self, labels: list[str], weights: torch.Tensor | None = None, positive: int = 1) -> None:
         self.labels, self.weights, self.positive = labels, weights, positive
+        self.host_weights = None if weights is None else weights.tolist()
 
     @staticmethod
     def logits(model, batch: dict) -> torch.Tensor:
@@ -324,8 +326,8 @@ class ClassificationTask:
     def count(self, batch: dict) -> float:
         """Examples, or their summed class weights: the trainer divides the loss by this."""
         if self.weights is None:
-            return len(batch["labels"])
-        return float(self.weights[batch["labels"].cpu()].sum())
+            return len(batch["host_labels"])
+        return sum(self.host_weights[label] for label in batch["host_labels"])
 
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator: Accelerator) -> dict:

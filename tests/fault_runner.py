@@ -5,6 +5,7 @@
 At the point it touches MARKER, then waits (forever, or for `slow` keeps training slowly).
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,9 @@ point, marker, *argv = sys.argv[1:]
 
 
 def arrived() -> None:
-    Path(marker).touch()
+    """MARKER holds this process's pid; under a launcher each rank writes MARKER.rankN."""
+    path = Path(marker) if "RANK" not in os.environ else Path(f"{marker}.rank{os.environ['RANK']}")
+    path.write_text(str(os.getpid()))
 
 
 def wait_forever() -> None:

@@ -130,7 +130,7 @@ def test_separate_files_and_class_weights_follow_scikit_learn(tmp_path, capsys):
     batch_labels = torch.tensor(labels[:9])
     assert abs(weights[batch_labels].sum().item() - 9) > 0.25  # 9.375 here
     logits = torch.randn(9, 4, generator=torch.Generator().manual_seed(0))
-    batch = {"labels": batch_labels, "input_ids": None, "attention_mask": None}
+    batch = {"labels": batch_labels, "host_labels": labels[:9], "input_ids": None, "attention_mask": None}
     model = lambda *args: logits  # noqa: E731
     mean = task.loss(model, batch) / task.count(batch)
     assert torch.allclose(mean, F.cross_entropy(logits, batch_labels, weight=weights))

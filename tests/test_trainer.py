@@ -1,5 +1,6 @@
 """The trainer on its own, through a toy task (least squares on a linear model): the same updates as a
-hand-written AdamW loop, keep-best and early stopping, and resume after a crash."""
+hand-written AdamW loop, keep-best and early stopping, and resume after a crash; and through a tiny
+language model: one host synchronisation per step, mixed precision as accelerate was launched."""
 
 import json
 import math
@@ -7,8 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
+from finetune import GPT, GPTConfig
 from finetune.config import RunConfig, load_config
+from finetune.errors import UserError
+from finetune.losses import IGNORE, next_token_loss
 from finetune.runs import checkpoint_dirs
 from finetune.serialization import load_weights
 from finetune.trainer import Trainer, make_accelerator, write_metrics_csv
@@ -148,3 +154,126 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
     rows = (tmp_path / "a" / "run" / "metrics.jsonl").read_text(), (tmp_path / "b" / "run" / "metrics.jsonl").read_text()
     assert rows[0] == rows[1]
+
+
+class NextToken:
+    """Next-token loss on rows of token ids, as the language-model recipes compute it."""
+
+    def loss(self, model, batch):
+        return next_token_loss(model, batch["ids"], batch["targets"])
+
+    def count(self, batch):
+        return batch["count"]
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, accelerator):
+        return {"loss": 0.0}
+
+
+def token_rows(n: int, seed: int) -> list[torch.Tensor]:
+    return list(torch.randint(0, VOCAB, (n, 24), generator=torch.Generator().manual_seed(seed)))
+
+
+def collate_tokens(rows):
+    ids = torch.stack(rows)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = IGNORE
+    return {"ids": ids, "targets": targets, "count": targets.shape[0] * (targets.shape[1] - 1)}
+
+
+VOCAB = 300
+
+
+def lm_trainer(tmp_path, *overrides: str) -> Trainer:
+    cfg = config(tmp_path, "train.epochs=1", "train.lr=0.001", *overrides)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, context_length=32, n_embd=32, n_layer=2, n_head=2))
+    return Trainer(cfg, make_accelerator(cfg.train), model, NextToken(), token_rows(16, 1), token_rows(4, 2),
+                   collate_tokens, meta={}, quiet=True)
+
+
+def test_one_wait_for_the_device_per_optimizer_step(tmp_path, monkeypatch):
+    """Reading a device tensor on the host (`.item()`, `.tolist()`, `float(t)`, …) waits for the device
+    to finish all its queued work. A step reads one: the all-reduced [targets, loss, signals, norm²]."""
+    trainer = lm_trainer(tmp_path, "train.batch_size=2", "train.grad_accum_steps=2", "train.max_grad_norm=1.0")
+    reads, inside = [], [False]
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if inside[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    step, steps = Trainer._optimizer_step, []
+
+    def observed(self, micro, lr):
+        inside[0], before = True, len(reads)
+        try:
+            return step(self, micro, lr)
+        finally:
+            inside[0] = False
+            steps.append(reads[before:])
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", observed)
+    trainer.fit()
+    assert len(steps) == 4 and all(s == ["tolist"] for s in steps), steps
+
+
+def test_vocabulary_products_follow_mixed_precision(tmp_path):
+    """Under bf16 the trainer's autocast reaches the chunked loss, which runs outside the model's
+    forward: logits, and the gradients of hidden states and of the (tied) head, are bf16 products."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class VocabularyProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                operands = [a for a in args if isinstance(a, torch.Tensor)][-2:]
+                if any(VOCAB in a.shape for a in operands):
+                    self.dtypes.append(tuple(a.dtype for a in operands))
+            return func(*args, **(kwargs or {}))
+
+    trainer = lm_trainer(tmp_path, "train.batch_size=8", "train.mixed_precision=bf16")
+    assert trainer.accelerator.mixed_precision == "bf16"
+    with VocabularyProducts() as products:
+        trainer._optimizer_step([next(iter(trainer._train_loader(0, 0)))], 0.001)
+    assert len(products.dtypes) == 3  # logits, d hidden, d weight: one chunk of 8 x 23 rows
+    assert set(products.dtypes) == {(torch.bfloat16, torch.bfloat16)}, products.dtypes
+
+
+def test_precision_is_the_one_accelerate_was_launched_with(tmp_path, monkeypatch, capsys):
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION; an unset
+    train.mixed_precision follows it, a conflicting one is refused in one line."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert make_accelerator(config(tmp_path).train).mixed_precision == "bf16"
+    assert make_accelerator(config(tmp_path, "train.mixed_precision=bf16").train).mixed_precision == "bf16"
+    with pytest.raises(UserError, match=r"^train.mixed_precision=no but accelerate was launched with mixed precision 'bf16'"):
+        make_accelerator(config(tmp_path, "train.mixed_precision=no").train)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert make_accelerator(config(tmp_path).train).mixed_precision == "no"  # no launcher: fp32
+
+
+@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
+def test_sharded_training_is_refused_at_start(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: kind))
+    with pytest.raises(UserError, match=f"^{kind.value} is not supported; launch on one device or with DDP"):
+        make_accelerator(config(tmp_path).train)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_matmuls_on_cuda_as_configured_and_cpu_left_alone(tmp_path, monkeypatch, tf32):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+        make_accelerator(config(tmp_path, f"train.tf32={str(tf32).lower()}").train)  # on CPU: untouched
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (not tf32, not tf32)
+        monkeypatch.setattr(Accelerator, "device", property(lambda self: torch.device("cuda")))
+        make_accelerator(config(tmp_path, f"train.tf32={str(tf32).lower()}").train)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
