@@ -104,10 +104,10 @@ def resolve_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> l
     tied = _tied_head(model)
     unread = "gpt.lm_head" if isinstance(model, GPTClassifier) else None  # a classifier never reads it
     wanted = set(TARGETS) if ALL_LINEAR in targets else set(targets)
-    if tied is not None and "lm_head" in targets:
-        raise UserError("LoRA target 'lm_head' is tied to the token embedding; merging would change the embedding")
     if unread is not None and "lm_head" in targets:
         raise UserError("LoRA target 'lm_head': a classifier never uses the vocabulary head; target 'head' instead")
+    if tied is not None and "lm_head" in targets:
+        raise UserError("LoRA target 'lm_head' is tied to the token embedding; merging would change the embedding")
     names = [
         name
         for name, module in model.named_modules()

@@ -163,6 +163,7 @@ CASES = [
     ("config-too-many-blocks", lambda o, d, f: spam(o, d, "finetune.trainable=last_n_blocks", "finetune.n_blocks=5"), "n_blocks=5"),
     ("lora-rank", lambda o, d, f: spam(o, d, "finetune.trainable=lora", "lora.rank=0"), "lora.rank"),
     ("lora-target", lambda o, d, f: spam(o, d, "finetune.trainable=lora", "lora.targets=[q_proj]"), "valid targets:"),
+    ("lora-unread-head", lambda o, d, f: spam(o, d, "finetune.trainable=lora", "lora.targets=[lm_head]"), "a classifier never uses the vocabulary head"),
     ("lora-train-module", lambda o, d, f: spam(o, d, "finetune.trainable=lora", "lora.train_modules=[classifier]"), "'classifier' matches no module"),
     ("run-exists", lambda o, d, f: tiny_spam_args(d, o), "holds a previous run"),
     ("resume-other-config", lambda o, d, f: tiny_spam_args(d, o, "train.epochs=1", "train.lr=0.5", "resume=true"), "needs the same config"),
