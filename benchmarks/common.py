@@ -1,15 +1,24 @@
-"""What every benchmark script shares: the matmul peak it reports against, and running one case in a
-fresh process so that the peak memory it reports is that case's own."""
+"""What every benchmark script shares: the CPU it names, the matmul peak it reports against, and running
+one case in a fresh process so that the peak memory it reports is that case's own."""
 
 from __future__ import annotations
 
 import json
+import platform
 import resource
 import subprocess
 import sys
 import time
 
 import torch
+
+
+def cpu_name() -> str:
+    """The CPU model (results are comparable only on the same one)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def matmul_peak(precision: str) -> float:

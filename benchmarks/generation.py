@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
-from common import in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
+from common import cpu_name, in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
 from train_step import BLOCK_MATMUL, N_LAYER, VOCAB, D
 
 IMPLEMENTATIONS = ("transformers generate", "ours, KV cache", "ours, no cache")
@@ -86,7 +85,7 @@ def main() -> None:
 
     peak = matmul_peak(args.dtype)
     print(f"# greedy generation, GPT-2 124M shape, {args.dtype} weights, prompt {args.prompt_len}, {n} new tokens, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}; "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {cpu_name()}; "
           f"{args.dtype} matmul peak {peak:.0f} GFLOP/s")
     print("| implementation | batch | ms/step | tokens/s | GFLOP/s (% of matmul peak) | peak MiB | vs transformers |")
     print("|---|---|---|---|---|---|---|")

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import in_own_process, peak_mib  # benchmarks/ is this script's directory
+from common import cpu_name, in_own_process, peak_mib  # benchmarks/ is this script's directory
 
 WORDS = ("invoice charge refund payment card parcel courier delivery tracking return exchange label error crash "
          "login password email profile quote discount pricing please help my order today the again thanks").split()
@@ -70,8 +69,7 @@ def main() -> None:
         path = Path(tmp) / "tickets.csv"
         write_csv(path, args.rows)
         size = path.stat().st_size / 2**20
-        print(f"{args.rows:,} rows, {size:,.0f} MiB CSV; {platform.processor() or platform.machine()}, "
-              f"{_cpu_name()}", file=sys.stderr)
+        print(f"{args.rows:,} rows, {size:,.0f} MiB CSV; {cpu_name()}", file=sys.stderr)
         print("| tokenization | rows | tokens | read + check (s) | tokenize (s) | rows/s overall | tokenize MB/s | peak MiB |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for how in ("recipe", "tiktoken-batch", "per-row"):
@@ -82,13 +80,6 @@ def main() -> None:
             total = r["read_s"] + r["tokenize_s"]
             print(f"| {how} | {r['rows']:,} | {r['tokens']:,} | {r['read_s']:.1f} | {r['tokenize_s']:.1f} | "
                   f"{r['rows'] / total:,.0f} | {size / r['tokenize_s']:.1f} | {r['peak_mib']:,.0f} |")
-
-
-def _cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import tempfile
 import time
 
 import torch
-from common import in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
+from common import cpu_name, in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
 
 D, N_LAYER = 768, 12
 BLOCK = 24 * D * D  # forward matmul FLOPs of one block per token (qkv 6d², proj 2d², MLP 16d²)
@@ -181,7 +180,7 @@ def main() -> None:
     config = spam_config("unused", args.epochs, "fp32")
     lengths = split_lengths(config)
     print(f"# complete spam run, GPT-2 124M shape (random weights), {args.epochs} epochs, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {cpu_name()}")
     print("| precision | implementation | wall s | GFLOP executed | GFLOP/s (% of matmul peak) | peak MiB | test acc | speed vs transformers |")
     print("|---|---|---|---|---|---|---|---|")
     for precision in args.precision:

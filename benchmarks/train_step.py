@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
-from common import in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
+from common import cpu_name, in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
 
 METHODS = ("full", "last_block", "lora", "instruct")
 SHAPES = {"full": (8, 128), "last_block": (8, 128), "lora": (8, 128), "instruct": (4, 256)}  # batch, length
@@ -130,13 +129,6 @@ def run_case(implementation: str, method: str, steps: int, batch: int, length: i
         "peak_mib": peak_mib(),
         "trainable": sum(p.numel() for p in trainable),
     }
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:
