@@ -165,7 +165,9 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        device = torch.get_default_device()
+        # Where the caller builds (a `with torch.device(...)` block, meta included). A factory call tells
+        # on every torch release; torch.get_default_device ignores that block before torch 2.8.
+        device = torch.empty(0).device
         with torch.device("meta"):  # allocated here, initialised once below (not by nn's defaults first)
             self.wte = nn.Embedding(config.vocab_size, config.n_embd)
             self.wpe = nn.Embedding(config.context_length, config.n_embd)

@@ -21,6 +21,15 @@ def test_presets_have_the_gpt2_shapes():
         assert GPT(GPTConfig.from_preset("gpt2-tiny")).num_parameters() < 10_000_000
 
 
+def test_a_model_is_built_where_the_caller_builds():
+    """Loading builds on the meta device and assigns the weights: a model that lands on the CPU there
+    holds a second copy (torch < 2.8 reports the CPU as the default device inside `with torch.device`)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("gpt2-xl"))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.device.type for p in GPT(GPTConfig.from_preset("gpt2-tiny")).parameters()} == {"cpu"}
+
+
 def test_logits_match_transformers_124m(gpt2_hf):
     directory, hf = gpt2_hf
     ours = load_pretrained(directory).eval()
