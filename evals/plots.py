@@ -11,21 +11,24 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_curves(history: list[dict], path: Path, metric: str | None = None) -> None:
-    """Train and validation loss against steps, and one validation metric (e.g. accuracy) beside it."""
+def plot_curves(history: list[dict], path: Path, metric: str | None = None, seen: str | None = None) -> None:
+    """Train and validation loss against steps; beside it one validation metric (e.g. accuracy), or
+    the loss against what training has seen (`seen="tokens"`: the book's tokens-seen axis)."""
     train = [r for r in history if r["split"] == "train"]
     val = [r for r in history if r["split"] == "val"]
-    panels = 2 if metric and any(metric in r for r in val) else 1
+    second = metric if metric and any(metric in r for r in val) else None
+    panels = 1 + bool(seen) + bool(second)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-    ax = axes[0][0]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", alpha=0.6)
-    ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="loss", title="Loss")
-    ax.legend()
-    if panels == 2:
-        ax = axes[0][1]
-        ax.plot([r["step"] for r in val], [r[metric] for r in val], "o-", color="tab:green")
-        ax.set(xlabel="step", ylabel=metric, title=f"Validation {metric}")
+    for ax, x in zip(axes[0], ["step", f"{seen}_seen"] if seen else ["step"]):
+        shown = [[r for r in rows if x in r] for rows in (train, val)]  # rows of an older version lack a count
+        ax.plot([r[x] for r in shown[0]], [r["loss"] for r in shown[0]], label="train", alpha=0.6)
+        ax.plot([r[x] for r in shown[1]], [r["loss"] for r in shown[1]], "o-", label="validation")
+        ax.set(xlabel=x.replace("_", " "), ylabel="loss", title="Loss")
+        ax.legend()
+    if second:
+        ax = axes[0][-1]
+        ax.plot([r["step"] for r in val], [r[second] for r in val], "o-", color="tab:green")
+        ax.set(xlabel="step", ylabel=second, title=f"Validation {second}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,7 +21,7 @@ from finetune.files import jsonl_rows, read_text
 
 Format = Literal["csv", "tsv", "json", "jsonl", "parquet", "raw"]
 FORMATS: tuple[str, ...] = ("csv", "tsv", "json", "jsonl", "parquet", "raw")
-_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl",
+EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl",
                ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 RAW_COLUMNS = ("label", "text")  # the columns of a raw label<TAB>text file
 
@@ -54,7 +54,7 @@ def detect_format(path: Path, fmt: str | None) -> str:
     if fmt is not None:
         return fmt
     try:
-        return _EXTENSIONS[Path(path).suffix.lower()]
+        return EXTENSIONS[Path(path).suffix.lower()]
     except KeyError:
         raise UserError(f"{path}: cannot tell the format from the extension '{Path(path).suffix}'; "
                         f"set data.format to one of {', '.join(FORMATS)}") from None

@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -52,6 +53,7 @@ UNSUPPORTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.
 class Task(Protocol):
     """What a recipe teaches the trainer."""
 
+    unit: str  # what `count` counts ("tokens", "examples"): the progress bar shows it per second
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """Sum (not mean) of the per-target losses in `batch`."""
 
@@ -75,6 +77,7 @@ class TrainState:
     stopped_early: bool = False
     finished: bool = False
     nonfinite_skipped: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient (on_nonfinite=skip)
+    seen: int = 0  # targets trained on, all processes (tokens seen, for a language model)
 
 
 @dataclass
@@ -143,7 +146,7 @@ class Trainer:
         collate: Callable[[list], dict],
         meta: dict[str, Any],
         quiet: bool = False,
-        on_evaluate: Callable[[torch.nn.Module], None] | None = None,
+        on_evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.train_cfg = config.train
@@ -153,7 +156,7 @@ class Trainer:
         self.collate = collate
         self.meta = meta  # extra config.json entries for every saved model (labels, max_length, …)
         self.quiet = quiet
-        self.on_evaluate = on_evaluate
+        self.on_evaluate = on_evaluate  # after each evaluation (main process): fields for its metrics row
         self.out = Path(config.output_dir)
         self.state = TrainState()
         self.world = accelerator.num_processes
@@ -201,19 +204,22 @@ class Trainer:
         cfg = self.train_cfg
         if cfg.eval_at_start and self.state.step == 0 and self.state.last_eval_step is None:
             self._evaluate(bar)
+        started, seen_at_start = time.perf_counter(), self.state.seen
         while self.state.epoch < cfg.epochs and not self.state.stopped_early:
             batches = iter(self._train_loader(self.state.epoch, self.state.batches_in_epoch))
             while micro := list(islice(batches, cfg.grad_accum_steps)):
                 lr = self._lr()
-                loss = self._optimizer_step(micro, lr)
+                loss, targets = self._optimizer_step(micro, lr)
                 self.state.step += 1
+                self.state.seen += targets
                 self.state.batches_in_epoch += len(micro)
                 row = {"split": "train", "loss": loss, "lr": lr}
                 if self.state.nonfinite_skipped:
                     row["nonfinite_skipped"] = self.state.nonfinite_skipped
                 self._log(row)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                rate = (self.state.seen - seen_at_start) / (time.perf_counter() - started)
+                bar.set_postfix({"loss": f"{loss:.4f}", f"{self.task.unit}/s": f"{rate:,.0f}"}, refresh=False)
                 if self.stop_signal:  # every process agreed on it in this step's all-reduce
                     self.save_checkpoint()
                     raise Interrupted(self.stop_signal, self.state.step, self.out)
@@ -239,8 +245,8 @@ class Trainer:
                             collate_fn=self.collate, generator=generator)  # own generator: keeps the global RNG for dropout
         return self.accelerator.prepare(loader)
 
-    def _optimizer_step(self, micro: list[dict], lr: float) -> float:
-        """One optimizer step over micro-batches; returns the loss per target.
+    def _optimizer_step(self, micro: list[dict], lr: float) -> tuple[float, int]:
+        """One optimizer step over micro-batches; returns the loss per target and the targets (all processes).
 
         The summed loss is back-propagated as it is. Then one all-reduce of [targets, loss, SIGINT
         seen, SIGTERM seen, gradient norm²], the step's only wait for the device, gives every process
@@ -285,14 +291,14 @@ class Trainer:
                                 "or set train.on_nonfinite=skip")
             self.state.nonfinite_skipped += 1
             self._print(f"skipped {where}: non-finite {what}")
-            return loss
+            return loss, int(total)
         scale = 1 / total
         if cfg.max_grad_norm is not None and grad_norm > cfg.max_grad_norm:
             scale *= cfg.max_grad_norm / (grad_norm + 1e-6)  # clip, as torch.nn.utils.clip_grad_norm_ does
         torch._foreach_mul_(grads, scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss, int(total)
 
     def _lr(self) -> float:
         """Learning rate for the step about to be taken: linear warmup, then constant or cosine."""
@@ -313,7 +319,10 @@ class Trainer:
         if cfg.best_metric not in metrics:
             raise UserError(f"train.best_metric='{cfg.best_metric}' is not a validation metric; choose one of {sorted(metrics)}")
         self.state.last_eval_step = self.state.step
-        self._log({"split": "val", **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        row = {"split": "val", **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        if self.on_evaluate is not None and self.accelerator.is_main_process:
+            row.update(self.on_evaluate(self.accelerator.unwrap_model(self.model)) or {})
+        self._log(row)
         bar.set_postfix({"val_" + cfg.best_metric: f"{metrics[cfg.best_metric]:.4f}"}, refresh=False)
         value = metrics[cfg.best_metric]
         best = self.state.best_value
@@ -324,8 +333,6 @@ class Trainer:
             self.state.evals_since_best += 1
             if cfg.patience and self.state.evals_since_best >= cfg.patience:
                 self.state.stopped_early = True
-        if self.on_evaluate is not None and self.accelerator.is_main_process:
-            self.on_evaluate(self.accelerator.unwrap_model(self.model))
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -416,7 +423,8 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        row = {"step": self.state.step, "epoch": self.state.epoch + self.state.batches_in_epoch / self.batches_per_epoch, **row}
+        row = {"step": self.state.step, "epoch": self.state.epoch + self.state.batches_in_epoch / self.batches_per_epoch,
+               f"{self.task.unit}_seen": self.state.seen, **row}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if row["split"] != "train":

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from finetune.recipes.base import Recipe
 
 RECIPES = {"classification": "finetune.recipes.classification", "spam": "finetune.recipes.spam",
-           "instruct": "finetune.recipes.instruct"}
+           "instruct": "finetune.recipes.instruct", "text": "finetune.recipes.text"}
 
 
 def recipe(name: str) -> "Recipe":

@@ -41,7 +41,7 @@ class Setup:
     collate: Callable[[list], dict]
     task: Task
     meta: dict[str, Any]  # stored in every checkpoint's config (labels, max_length, …)
-    on_evaluate: Callable[[torch.nn.Module], None] | None = None
+    on_evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None  # fields logged with each evaluation
     reuse: dict[str, Any] = field(default_factory=dict)  # work `evaluate` may reuse at the end (cached features)
 
 

@@ -306,6 +306,8 @@ class Collate:
 class ClassificationTask:
     """Cross-entropy over one label per text (optionally class-weighted); metrics from finetune.evals."""
 
+    unit = "examples"
+
     def __init__(self, labels: list[str], weights: torch.Tensor | None = None, positive: int = 1) -> None:
         self.labels, self.weights, self.positive = labels, weights, positive
         self.host_weights = None if weights is None else weights.tolist()

@@ -28,7 +28,8 @@ from finetune.errors import UserError
 from finetune.evals.generation import reference_metrics
 from finetune.evals.plots import plot_curves
 from finetune.generate import generate
-from finetune.losses import IGNORE, next_token_loss
+from finetune.losses import IGNORE
+from finetune.next_token import NextTokenTask
 from finetune.progress import progress
 from finetune.recipes.base import SPLITS, Recipe, Setup
 from finetune.tables import Format, read_table
@@ -201,33 +202,6 @@ def trained_tokens(examples: Encoded, collate: Collate) -> tuple[int, int]:
     return trained, total - trained
 
 
-# -- task ---------------------------------------------------------------------------------------
-
-
-class InstructTask:
-    """Next-token cross-entropy summed over the unmasked targets; loss and perplexity per split."""
-
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        return next_token_loss(model, batch["input_ids"], batch["targets"])
-
-    def count(self, batch: dict) -> int:
-        return batch["count"]
-
-    @torch.no_grad()
-    def evaluate(self, model, loader, accelerator: Accelerator) -> dict:
-        model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        for batch in loader:
-            with accelerator.autocast():  # the vocabulary products too, not only the model's forward
-                loss = next_token_loss(model, batch["input_ids"], batch["targets"])
-            total += torch.stack([loss.double(), (batch["targets"] != IGNORE).sum().double()])
-        # Every process saw its own share of the split (accelerate pads the last one with repeats,
-        # which are few tokens; they are counted, as in most LM evaluations).
-        loss_sum, tokens = accelerator.reduce(total, reduction="sum").tolist()
-        loss = loss_sum / max(tokens, 1)
-        return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "tokens": int(tokens)}
-
-
 # -- the recipe ---------------------------------------------------------------------------------
 
 
@@ -252,12 +226,14 @@ class Instruct(Recipe[InstructConfig, dict]):
                        f"{' and prompts' if config.data.mask_prompt else ''})", file=sys.stderr)
         sample = data["val"][0]
 
-        def show_sample(model) -> None:
+        def show_sample(model) -> dict:
+            """The response to the first validation instruction: printed, and logged with the evaluation."""
+            response = respond(model, [sample], config)[0]
             if not quiet:
-                tqdm.write(f"sample response to {sample.instruction!r}: {respond(model, [sample], config)[0]!r}",
-                           file=sys.stderr)
+                tqdm.write(f"sample response to {sample.instruction!r}: {response!r}", file=sys.stderr)
+            return {"sample": response}
 
-        return Setup(encoded["train"], encoded["val"], collate, InstructTask(), {"max_length": max_length},
+        return Setup(encoded["train"], encoded["val"], collate, NextTokenTask(), {"max_length": max_length},
                      on_evaluate=show_sample)
 
     def evaluate(self, config: InstructConfig, data: dict[str, list[Record]], model, meta: dict,
@@ -265,7 +241,7 @@ class Instruct(Recipe[InstructConfig, dict]):
         """Loss and perplexity on each split."""
         collate = Collate(meta["max_length"], config.data.mask_prompt)
         batch_size = config.train.eval_batch_size or config.train.batch_size
-        return {split: InstructTask().evaluate(model, accelerator.prepare(eval_loader(encode(data[split]), batch_size, collate)),
+        return {split: NextTokenTask().evaluate(model, accelerator.prepare(eval_loader(encode(data[split]), batch_size, collate)),
                                                accelerator) for split in splits}
 
     def report(self, out: Path, config: InstructConfig, data: dict[str, list[Record]], metrics: dict,
@@ -275,7 +251,7 @@ class Instruct(Recipe[InstructConfig, dict]):
         metrics["responses"] = {k: v for k, v in reference_metrics(
             [r["response"] for r in responses], [r["output"] for r in responses]).items() if k != "per_example"}
         write_text_atomic(out / "report.md", report_markdown(config, metrics, responses))
-        plot_curves(history, out / "curves.png")
+        plot_curves(history, out / "curves.png", seen="tokens")
         return metrics, ["responses.jsonl", "report.md", "curves.png"]
 
     def summary_table(self, metrics: dict) -> str:

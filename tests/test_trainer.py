@@ -35,6 +35,8 @@ class Toy(nn.Module):
 class LeastSquares:
     """Sum of squared errors; validation metrics scripted by `scores` when given."""
 
+    unit = "examples"
+
     def __init__(self, scores: list[float] | None = None) -> None:
         self.scores, self.evaluations = scores, 0
 
@@ -158,6 +160,8 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch):
 
 class NextToken:
     """Next-token loss on rows of token ids, as the language-model recipes compute it."""
+
+    unit = "tokens"
 
     def loss(self, model, batch):
         return next_token_loss(model, batch["ids"], batch["targets"])
