@@ -49,7 +49,8 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     name: str = Field("gpt2", description="preset, hub id, checkpoint directory or book .pth")
-    init: Literal["pretrained", "random"] = "pretrained"
+    init: Literal["pretrained", "random", "book"] = Field(
+        "pretrained", description="random: GPT-2's init; book: the book's GPTModel init (PyTorch defaults, untied head)")
     dropout: Float = Field(0.0, ge=0.0, lt=1.0)
 
 

@@ -188,9 +188,9 @@ class _TokenWriter:
             self.count += len(ids)
         self.pending, self.pending_chars = [], 0
 
-    def close(self) -> int:
+    def finish(self) -> int:
+        """Tokenize what is pending; the number of tokens written."""
         self.flush()
-        self.file.close()
         return self.count
 
 
@@ -210,32 +210,34 @@ def _coalesce(pieces: list[str]) -> list[str]:
 
 def _write_splits(sources: list[Source], text_field: str, val_fraction: float, directory: Path) -> dict:
     """Tokenize `sources` into train.bin and val.bin in `directory`; returns the manifest's counts."""
-    writers = {split: _TokenWriter(directory / name) for split, name in SPLIT_FILES.items()}
-    documents = {"train": 0, "val": 0}
     n_docs = _count_documents(sources, text_field)
-    if n_docs == 1:  # split by characters, each part tokenized on its own (the book's train_data / val_data)
-        split_by = "characters"
-        total = _characters(next(_documents(sources, text_field)))
-        cut, position = int(total * (1 - val_fraction)), 0
-        for block in next(_documents(sources, text_field)):
-            head = block[: max(0, cut - position)]
-            if head:
-                writers["train"].write(head)
-            if len(head) < len(block):
-                writers["val"].write(block[len(head):])
-            position += len(block)
-        documents = {"train": 1, "val": 1}
-    else:
-        split_by = "documents"
-        n_val = max(1, round(n_docs * val_fraction))
-        for i, blocks in enumerate(_documents(sources, text_field)):
-            split = "train" if i < n_docs - n_val else "val"
-            if documents[split]:
-                writers[split].write(EOT)  # documents joined with <|endoftext|>
-            for block in blocks:
-                writers[split].write(block)
-            documents[split] += 1
-    tokens = {split: writer.close() for split, writer in writers.items()}
+    writers = {split: _TokenWriter(directory / name) for split, name in SPLIT_FILES.items()}
+    try:
+        if n_docs == 1:  # split by characters, each part tokenized on its own (the book's train_data / val_data)
+            split_by, documents = "characters", {"train": 1, "val": 1}
+            total = _characters(next(_documents(sources, text_field)))
+            cut, position = int(total * (1 - val_fraction)), 0
+            for block in next(_documents(sources, text_field)):
+                head = block[: max(0, cut - position)]
+                if head:
+                    writers["train"].write(head)
+                if len(head) < len(block):
+                    writers["val"].write(block[len(head):])
+                position += len(block)
+        else:
+            split_by, documents = "documents", {"train": 0, "val": 0}
+            n_val = max(1, round(n_docs * val_fraction))
+            for i, blocks in enumerate(_documents(sources, text_field)):
+                split = "train" if i < n_docs - n_val else "val"
+                if documents[split]:
+                    writers[split].write(EOT)  # documents joined with <|endoftext|>
+                for block in blocks:
+                    writers[split].write(block)
+                documents[split] += 1
+        tokens = {split: writer.finish() for split, writer in writers.items()}
+    finally:
+        for writer in writers.values():
+            writer.file.close()
     return {"split": split_by, "documents": documents, "tokens": tokens}
 
 

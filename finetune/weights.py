@@ -74,13 +74,21 @@ def build_model(name: str, init: str = "pretrained", dropout: float = 0.0) -> GP
     """The model a recipe or command asks for: pretrained weights, or a random init of the same shape.
 
     `name` is a preset (`gpt2`, …, `gpt2-tiny`), a hub id, a checkpoint directory or a book `.pth`.
+    `random` is GPT-2's initialisation (normal, std 0.02, tied head); `book` is the book's chapter 4
+    `GPTModel`: PyTorch's default initialisation (embeddings N(0, 1)) and a separate output head.
     """
-    if init == "random":
+    if init in ("random", "book"):
         if name not in PRESETS:
-            raise UserError(f"model.init=random needs a preset name ({', '.join(PRESETS)}), got '{name}'")
-        return GPT(GPTConfig.from_preset(name, dropout=dropout))
+            raise UserError(f"model.init={init} needs a preset name ({', '.join(PRESETS)}), got '{name}'")
+        if init == "random":
+            return GPT(GPTConfig.from_preset(name, dropout=dropout))
+        model = GPT(GPTConfig.from_preset(name, dropout=dropout, tie_embeddings=False))
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        return model
     if init != "pretrained":
-        raise UserError(f"model.init must be 'pretrained' or 'random', got '{init}'")
+        raise UserError(f"model.init must be 'pretrained', 'random' or 'book', got '{init}'")
     return load_pretrained(name, dropout=dropout)
 
 

@@ -64,6 +64,11 @@ def files(tmp_path_factory):
     for name, text in contents.items():
         (root / name).write_text(text)
     (root / "latin1.tsv").write_bytes(b"ham\tok\nspam\tcaf\xe9\n")
+    (root / "latin1.txt").write_bytes(b"caf\xe9 au lait, " * 50)
+    (root / "nul.txt").write_bytes(b"text with\x00nul bytes " * 50)
+    (root / "empty.txt").write_text("\n")
+    (root / "short.txt").write_text("Too short for a window of 64 tokens. " * 3)
+    (root / "nodocs").mkdir()
     (root / "latin1.csv").write_bytes(b"body,team\nok,a\ncaf\xe9,b\n")
     import pandas as pd
     pd.DataFrame({"body": ["x", "y", "z"], "team": ["a", None, "b"]}).to_parquet(root / "nanlabel.parquet")
@@ -94,6 +99,11 @@ def classification(out, data, *extra):
 def instruct(out, data):
     return ["run", "instruct", "--quiet", "--config", "instruct_tiny", f"output_dir={out}",
             "overwrite=true", f"data.path={data}"]
+
+
+def text(out, data, *extra):
+    return ["run", "text", "--quiet", "--config", "text_tiny", f"output_dir={out}", "overwrite=true",
+            f"data.path={data}", f"data.cache_dir={out.parent / 'token-cache'}", *extra]
 
 
 # (case id, argv built from (good run dir, good data file, bad files dir), text the one line must contain)
@@ -139,6 +149,15 @@ CASES = [
      "tickets.csv: cannot split 12 examples of 3 classes by val_fraction=0.1, test_fraction=0.2"),
     ("table-no-data", lambda o, d, f: ["run", "classification", "--config", "classification_tiny", f"output_dir={o}", "overwrite=true"],
      "no data: set data.path"),
+    ("text-empty-file", lambda o, d, f: text(o, f / "empty.txt"), "empty.txt: empty file"),
+    ("text-not-utf8", lambda o, d, f: text(o, f / "latin1.txt"), "latin1.txt: not UTF-8 text"),
+    ("text-binary", lambda o, d, f: text(o, f / "nul.txt"), "nul.txt: binary file (NUL bytes)"),
+    ("text-no-txt-files", lambda o, d, f: text(o, f / "nodocs"), "nodocs: directory holds no .txt files"),
+    ("text-glob-matches-nothing", lambda o, d, f: text(o, f / "*.nothing"), "matches no file"),
+    ("text-too-short", lambda o, d, f: text(o, f / "short.txt"), "tokens; data.max_length=64 needs at least 65"),
+    ("text-stride", lambda o, d, f: text(o, "null", "data.stride=100"), "stride 100 > max_length 64"),
+    ("text-beyond-context", lambda o, d, f: text(o, "null", "data.max_length=300", "data.stride=300"),
+     "data.max_length=300 is beyond the model's context of 256 tokens"),
     ("predict-out-exists", lambda o, d, f: ["predict", str(o), "--data", str(f / "tickets.csv"), "--out", str(f / "tickets.csv")],
      "tickets.csv exists; choose a new file"),
     ("predict-not-a-classifier", lambda o, d, f: ["predict", str(f / "lm_ckpt"), "--data", str(f / "tickets.csv"),
