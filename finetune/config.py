@@ -54,6 +54,15 @@ class ModelSection(Section):
     dropout: Float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class SamplingSection(Section):
+    """How the language-model recipes generate: greedy by default, or sampled."""
+
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: Float = Field(0.0, ge=0.0, description="0 = greedy")
+    top_k: int | None = Field(None, ge=1)
+    top_p: Float | None = Field(None, gt=0.0, le=1.0)
+
+
 class TrainSection(Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(8, ge=1)

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from finetune.checkpoint import write_text_atomic
-from finetune.config import Float, ModelSection, RunConfig, Section
+from finetune.config import Float, ModelSection, RunConfig, SamplingSection, Section
 from finetune.data import INSTRUCTIONS, bundled
 from finetune.errors import UserError
 from finetune.evals.generation import reference_metrics
@@ -61,11 +61,7 @@ class InstructData(Section):
         return self
 
 
-class GenerationSection(Section):
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: Float = Field(0.0, ge=0.0, description="0 = greedy")
-    top_k: int | None = Field(None, ge=1)
-    top_p: Float | None = Field(None, gt=0.0, le=1.0)
+class GenerationSection(SamplingSection):
     batch_size: int = Field(8, ge=1)
 
 

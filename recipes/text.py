@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from finetune.checkpoint import write_text_atomic
-from finetune.config import Float, ModelSection, RunConfig, Section
+from finetune.config import Float, ModelSection, RunConfig, SamplingSection, Section
 from finetune.corpus import Corpus, TextFormat, Windows, collate_windows, default_cache_dir, find_sources, tokenized
 from finetune.data import THE_VERDICT, bundled
 from finetune.errors import UserError
@@ -55,12 +55,9 @@ class TextData(Section):
         return self
 
 
-class SampleSection(Section):
+class SampleSection(SamplingSection):
     prompt: str = Field("Every effort moves you", description="continued at every evaluation, printed and logged")
     max_new_tokens: int = Field(50, ge=1)
-    temperature: Float = Field(0.0, ge=0.0, description="0 = greedy")
-    top_k: int | None = Field(None, ge=1)
-    top_p: Float | None = Field(None, gt=0.0, le=1.0)
 
 
 class TextConfig(RunConfig):

@@ -92,3 +92,37 @@ def ticket_run_args(directory: Path, classes: int = 5, per_class: int = 16):
     ticket_frame(classes=classes, per_class=per_class).to_csv(path, index=False)
     return lambda out, *extra: tiny_classification_args(
         out, f"data.path={path}", "data.text_field=body", "data.label_field=team", *extra)
+
+
+def run_killed_and_resumed(capsys, monkeypatch, args, root: Path, checkpoints_before_kill: int) -> tuple[Path, Path]:
+    """`args(out)` run to the end in root/full, and in root/cut stopped by Ctrl-C right after its n-th
+    checkpoint, then resumed; returns both output directories for the caller to compare."""
+    from finetune.trainer import Trainer
+
+    assert cli(capsys, *args(root / "full"))[0] == 0
+    original, saves = Trainer.save_checkpoint, [0]
+
+    def save_then_die(self):
+        original(self)
+        saves[0] += 1
+        if saves[0] == checkpoints_before_kill:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    assert cli(capsys, *args(root / "cut"))[0] == 130
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    code, _, err = cli(capsys, *args(root / "cut"), "resume=true")
+    assert code == 0, err
+    return root / "full", root / "cut"
+
+
+def assert_same_files(a: Path, b: Path, weights: tuple[str, ...], texts: tuple[str, ...]) -> None:
+    """Safetensors files with bit-identical tensors, and text files with identical contents."""
+    import torch
+    from safetensors.torch import load_file
+
+    for name in weights:
+        x, y = load_file(a / name), load_file(b / name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    for name in texts:
+        assert (a / name).read_text() == (b / name).read_text(), name

@@ -12,9 +12,8 @@ from finetune.data import INSTRUCTIONS, bundled
 from finetune.errors import UserError
 from finetune.recipes.instruct import Collate, Example, InstructData, Record, format_prompt, read_records, split_records
 from finetune.tokenizer import EOT_ID
-from finetune.trainer import Trainer
 from finetune.weights import build_model, load_model
-from tests.helpers import cli, one_line_error
+from tests.helpers import assert_same_files, cli, one_line_error, run_killed_and_resumed
 
 I = -100
 
@@ -135,26 +134,10 @@ def test_lora_instruct_run_prints_its_progress_and_trains_only_the_adapters(tmp_
 
 def test_interrupted_and_resumed_instruct_run_ends_the_same(tmp_path, small_data, capsys, monkeypatch):
     extra = (f"data.path={small_data}", "train.epochs=2", "model.dropout=0.1", "train.checkpoint_every=3")
-    code, _, err = cli(capsys, *tiny_instruct_args(tmp_path / "full", *extra))
-    assert code == 0, err
-    original, saves = Trainer.save_checkpoint, [0]
-
-    def save_then_die(self):
-        original(self)
-        saves[0] += 1
-        if saves[0] == 2:  # step 6 of 7 in the first epoch
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
-    assert cli(capsys, *tiny_instruct_args(tmp_path / "cut", *extra))[0] == 130
-    monkeypatch.setattr(Trainer, "save_checkpoint", original)
-    code, _, err = cli(capsys, *tiny_instruct_args(tmp_path / "cut", *extra, "resume=true"))
-    assert code == 0, err
-    for name in ("best/model.safetensors", "checkpoints/step-0000014/model.safetensors"):
-        full, cut = load_file(tmp_path / "full" / name), load_file(tmp_path / "cut" / name)
-        assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full), name
-    for name in ("metrics.jsonl", "metrics.json", "responses.jsonl"):
-        assert (tmp_path / "full" / name).read_text() == (tmp_path / "cut" / name).read_text(), name
+    full, cut = run_killed_and_resumed(capsys, monkeypatch, lambda out: tiny_instruct_args(out, *extra), tmp_path,
+                                       checkpoints_before_kill=2)  # step 6 of 7 in the first epoch
+    assert_same_files(full, cut, ("best/model.safetensors", "checkpoints/step-0000014/model.safetensors"),
+                      ("metrics.jsonl", "metrics.json", "responses.jsonl"))
 
 
 def test_bad_inputs_exit_2(tmp_path, small_data, capsys):

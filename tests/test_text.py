@@ -14,8 +14,7 @@ import finetune.corpus as corpus
 from finetune.data import THE_VERDICT, bundled
 from finetune.errors import UserError
 from finetune.tokenizer import get_tokenizer
-from finetune.trainer import Trainer
-from tests.helpers import cli, one_line_error
+from tests.helpers import assert_same_files, cli, one_line_error, run_killed_and_resumed
 
 VERDICT = bundled(THE_VERDICT).read_text(encoding="utf-8")
 
@@ -181,25 +180,10 @@ def test_tiny_text_run_reports_and_generates(tmp_path, capsys):
 
 def test_interrupted_and_resumed_text_run_ends_bit_identical(tmp_path, capsys, monkeypatch):
     extra = ("--quiet", "model.dropout=0.1", "train.checkpoint_every=4", "train.epochs=2")
-    assert cli(capsys, *tiny_text_args(tmp_path / "full", *extra))[0] == 0
-    original, saves = Trainer.save_checkpoint, [0]
-
-    def save_then_die(self):
-        original(self)
-        saves[0] += 1
-        if saves[0] == 1:  # step 4 of 9, mid-epoch
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
-    assert cli(capsys, *tiny_text_args(tmp_path / "cut", *extra))[0] == 130
-    monkeypatch.setattr(Trainer, "save_checkpoint", original)
-    code, _, err = cli(capsys, *tiny_text_args(tmp_path / "cut", *extra, "resume=true"))
-    assert code == 0, err
-    for name in ("best/model.safetensors", "checkpoints/step-0000018/model.safetensors"):
-        full, cut = load_file(tmp_path / "full" / name), load_file(tmp_path / "cut" / name)
-        assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full), name
-    for name in ("metrics.jsonl", "metrics.json"):
-        assert (tmp_path / "full" / name).read_text() == (tmp_path / "cut" / name).read_text(), name
+    full, cut = run_killed_and_resumed(capsys, monkeypatch, lambda out: tiny_text_args(out, *extra), tmp_path,
+                                       checkpoints_before_kill=1)  # step 4 of 9, mid-epoch
+    assert_same_files(full, cut, ("best/model.safetensors", "checkpoints/step-0000018/model.safetensors"),
+                      ("metrics.jsonl", "metrics.json"))
 
 
 def test_lora_text_run_saves_only_the_adapter(tmp_path, capsys):
