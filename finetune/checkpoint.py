@@ -37,6 +37,7 @@ def write_directory(directory: Path, files: dict[str, Callable[[Path], None]]) -
     tmp.mkdir()
     manifest = {}
     for name, write in files.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # names may hold a folder: base/config.json
         write(tmp / name)
         _fsync(tmp / name)
         manifest[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}

@@ -38,7 +38,9 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model = weights_dtype(build_model(args.model, args.init), args)
+    model = weights_dtype(build_model(args.model, args.init), args.bf16)
+    if not hasattr(model, "lm_head"):
+        raise UserError(f"{args.model}: a classifier; generate needs a language model (use finetune classify)")
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     prompt = encode(args.prompt)
     if not prompt:
@@ -49,11 +51,11 @@ def _generate(args: argparse.Namespace) -> None:
     print(get_tokenizer().decode([t for t in out[len(prompt) :] if t != EOT_ID]))
 
 
-def weights_dtype(model, args: argparse.Namespace):
+def weights_dtype(model, bf16: bool):
     """--bf16: half the memory, and faster decoding where the CPU or GPU computes in bf16."""
     import torch
 
-    return model.to(torch.bfloat16) if args.bf16 else model
+    return model.to(torch.bfloat16) if bf16 else model
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -80,7 +82,7 @@ def _eval(args: argparse.Namespace) -> None:
     from finetune.recipes.base import evaluate_run
 
     recipe = run_recipe(Path(args.run_dir))
-    metrics = evaluate_run(recipe, Path(args.run_dir), tuple(args.split))
+    metrics = evaluate_run(recipe, Path(args.run_dir), tuple(args.split), args.model)
     print(json.dumps(metrics) if args.json else recipe.summary_table(metrics))
 
 
@@ -91,6 +93,15 @@ def _merge(args: argparse.Namespace) -> None:
 
     source = merge_adapter(Path(args.run_dir), Path(args.out_dir))
     print(f"merged {source} into {args.out_dir} (model.safetensors + config.json)")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from finetune.export import export
+
+    source = export(Path(args.source), Path(args.out_dir), args.format)
+    print(f"exported {source} to {args.out_dir} ({args.format})")
 
 
 def _recipes(args: argparse.Namespace) -> None:
@@ -120,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = commands.add_parser("generate", help="continue a prompt with a GPT-2 model")
-    gen.add_argument("--model", default="gpt2", help="preset, hub id, checkpoint directory or book .pth")
+    gen.add_argument("--model", default="gpt2", help="preset, hub id, run or checkpoint directory, PEFT adapter, or book .pth")
     gen.add_argument("--init", choices=["pretrained", "random"], default="pretrained")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=positive_int, default=50)
@@ -147,12 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--split", nargs="+", default=["test"], choices=["train", "val", "test"])
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ev.add_argument("--model", help="evaluate this model on the run's data instead (a PEFT adapter, an export, a checkpoint)")
     ev.set_defaults(func=_eval)
 
-    merge = commands.add_parser("merge", help="fold a run's adapter (LoRA, or the layers a partial fine-tune trained) into its base: a plain checkpoint")
+    merge = commands.add_parser("merge", help="fold a run's adapter (LoRA, or the layers a partial fine-tune trained) into its base: "
+                                              "a plain finetune checkpoint (for other tools: finetune export)")
     merge.add_argument("run_dir", help="run directory or adapter checkpoint directory")
     merge.add_argument("out_dir", help="new directory for model.safetensors + config.json")
     merge.set_defaults(func=_merge)
+
+    exp = commands.add_parser("export", help="write a run's model for transformers (merged) or peft (a LoRA run's adapter)")
+    exp.add_argument("source", help="run directory or checkpoint directory")
+    exp.add_argument("out_dir", help="new directory to write")
+    exp.add_argument("--format", choices=["transformers", "peft"], default="transformers",
+                     help="transformers: a model from_pretrained loads, adapters merged in; peft: the LoRA adapter on its base")
+    exp.set_defaults(func=_export)
 
     for module in COMMAND_MODULES:  # the recipes' and evals' own commands
         import_module(module).add_commands(commands)

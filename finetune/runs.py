@@ -35,3 +35,11 @@ def resolve(path: Path) -> Path:
     """A checkpoint directory as given, or the kept checkpoint of a run directory (one with config.yaml)."""
     path = Path(path)
     return kept_checkpoint(path) if (path / "config.yaml").is_file() else path
+
+
+def run_of(checkpoint: Path) -> Path | None:
+    """The run a checkpoint belongs to (`<run>/best`, `<run>/checkpoints/step-N`), or None for a loose one."""
+    for parent in Path(checkpoint).resolve().parents[:2]:
+        if (parent / "config.yaml").is_file():
+            return parent
+    return None

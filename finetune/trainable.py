@@ -2,25 +2,51 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch.nn as nn
 
 from finetune.classifier import GPTClassifier
-from finetune.config import RunConfig
+from finetune.config import LoraSection, RunConfig
 from finetune.errors import UserError
-from finetune.lora import apply_lora, unfreeze_modules
+from finetune.lora import LoRALinear, apply_lora, lora_layers, merged_model, unfreeze_modules
 from finetune.model import GPT
 
 
 def configure_trainable(model: nn.Module, config: RunConfig) -> nn.Module:
-    """Freeze or adapt `model` as `finetune.trainable` (and `lora.*`) say; the one entry point for recipes."""
+    """Freeze or adapt `model` as `finetune.trainable` (and `lora.*`) say; the one entry point for recipes.
+
+    A model that comes with LoRA layers (a PEFT adapter named as `model.name`) goes on training them
+    with `trainable=lora`, at the adapter's own rank, alpha and layers; any other choice trains the
+    model with the adapter merged in."""
+    imported = lora_layers(model)
     if config.finetune.trainable == "lora":
         lora = config.lora
-        apply_lora(model, lora.rank, lora.alpha, lora.targets, lora.dropout)
+        if imported:
+            _warn_if_ignored(lora, imported[0], len(imported))
+            model.requires_grad_(False)
+            for layer in imported:
+                layer.lora_A.requires_grad_(True)
+                layer.lora_B.requires_grad_(True)
+        else:
+            apply_lora(model, lora.rank, lora.alpha, lora.targets, lora.dropout)
         unfreeze_modules(model, lora.train_modules)
     else:
+        if imported:
+            merged_model(model)
         mark_trainable(model, config.finetune.trainable, config.finetune.n_blocks)
     freeze_unread(model)
     return model
+
+
+def _warn_if_ignored(lora: LoraSection, layer: LoRALinear, count: int) -> None:
+    """The lora.* keys a user set that an imported adapter overrides."""
+    ours = {"rank": layer.rank, "alpha": layer.alpha, "dropout": layer.lora_dropout.p}
+    ignored = [f"lora.{k}={getattr(lora, k)}" for k in ours if k in lora.model_fields_set and getattr(lora, k) != ours[k]]
+    if ignored or "targets" in lora.model_fields_set:
+        warnings.warn(f"model.name is a LoRA adapter: training goes on with its own {count} layers "
+                      f"(rank {layer.rank}, alpha {layer.alpha:g}, dropout {layer.lora_dropout.p:g}); "
+                      f"ignored: {', '.join(ignored + (['lora.targets'] if 'targets' in lora.model_fields_set else []))}")
 
 
 def freeze_unread(model: nn.Module) -> None:

@@ -16,7 +16,9 @@ import torch
 from finetune.checkpoint import verify, write_directory
 from finetune.classifier import GPTClassifier
 from finetune.errors import UserError
-from finetune.lora import merged_model, wrap_layers
+from finetune.hf_layout import from_hf, read_hf_config
+from finetune.peft_format import HEAD, PEFT_WEIGHTS, is_peft_adapter, read_adapter
+from finetune.lora import LoRALinear, lora_layers, merged_model, wrap_layers
 from finetune.model import GPT, PRESETS, GPTConfig
 from finetune.runs import resolve
 from finetune.serialization import (ADAPTER_CONFIG, ADAPTER_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, assemble, load_weights,
@@ -29,23 +31,7 @@ HUB_IDS = {
     "gpt2-xl": "openai-community/gpt2-xl",
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-# Per-block parameter names: ours -> (Hugging Face GPT-2 name, stored transposed as Conv1D).
-_HF_BLOCK = {
-    "ln_1.weight": ("ln_1.weight", False),
-    "ln_1.bias": ("ln_1.bias", False),
-    "attn.qkv.weight": ("attn.c_attn.weight", True),
-    "attn.qkv.bias": ("attn.c_attn.bias", False),
-    "attn.proj.weight": ("attn.c_proj.weight", True),
-    "attn.proj.bias": ("attn.c_proj.bias", False),
-    "ln_2.weight": ("ln_2.weight", False),
-    "ln_2.bias": ("ln_2.bias", False),
-    "mlp.fc.weight": ("mlp.c_fc.weight", True),
-    "mlp.fc.bias": ("mlp.c_fc.bias", False),
-    "mlp.proj.weight": ("mlp.c_proj.weight", True),
-    "mlp.proj.bias": ("mlp.c_proj.bias", False),
-}
-_HF_TOP = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
+SEQUENCE_CLASSIFIER = "GPT2ForSequenceClassification"
 
 # Per-block names: ours -> the book's GPTModel (q/k/v are separate Linear layers there).
 _BOOK_BLOCK = {
@@ -70,10 +56,11 @@ _BOOK_TOP = {
 }
 
 
-def build_model(name: str, init: str = "pretrained", dropout: float = 0.0) -> GPT:
+def build_model(name: str, init: str = "pretrained", dropout: float = 0.0) -> torch.nn.Module:
     """The model a recipe or command asks for: pretrained weights, or a random init of the same shape.
 
-    `name` is a preset (`gpt2`, …, `gpt2-tiny`), a hub id, a checkpoint directory or a book `.pth`.
+    `name` is a preset (`gpt2`, …, `gpt2-tiny`), a hub id, a checkpoint directory, a PEFT adapter or a
+    book `.pth`: a `GPT`, or the classifier a classifier checkpoint holds, with its adapters if it has any.
     `random` is GPT-2's initialisation (normal, std 0.02, tied head); `book` is the book's chapter 4
     `GPTModel`: PyTorch's default initialisation (embeddings N(0, 1)) and a separate output head.
     """
@@ -92,10 +79,19 @@ def build_model(name: str, init: str = "pretrained", dropout: float = 0.0) -> GP
     return load_pretrained(name, dropout=dropout)
 
 
-def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None, dropout: float = 0.0) -> GPT:
-    """A `GPT` with weights from a hub id (`gpt2` … `gpt2-xl`, or `owner/repo`), a directory with
-    `config.json` + `model.safetensors` (or `pytorch_model.bin`), a book `GPTModel` `.pth` file, or
-    a checkpoint saved by finetune (a run directory means the checkpoint that run kept).
+def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None, dropout: float = 0.0) -> torch.nn.Module:
+    """A model with weights from a hub id (`gpt2` … `gpt2-xl`, or `owner/repo`), a transformers directory
+    (`config.json` + `model.safetensors` or `pytorch_model.bin`; a `GPT2ForSequenceClassification` gives
+    a classifier), a PEFT LoRA adapter directory, a book `GPTModel` `.pth` file, or a checkpoint saved
+    by finetune (a run directory means the checkpoint that run kept). See `load_with_meta`."""
+    return load_with_meta(name_or_path, config=config, dropout=dropout)[0]
+
+
+def load_with_meta(name_or_path: str | Path, *, config: GPTConfig | None = None,
+                   dropout: float = 0.0) -> tuple[torch.nn.Module, dict]:
+    """The model `load_pretrained` gives, and what a command needs to use it: its task, shape and, for
+    a classifier, its labels and input length (a finetune checkpoint records them; for others they
+    come from the model: transformers' `id2label`, or `LABEL_i`, and the context length).
 
     `config` overrides the architecture read from the checkpoint (needed only for a book `.pth` whose
     shapes match no preset, since head counts cannot be read from shapes). `dropout` is a training
@@ -107,25 +103,119 @@ def load_pretrained(name_or_path: str | Path, *, config: GPTConfig | None = None
     path = resolve(path)  # a run directory stands for the checkpoint it kept
     if path.is_file():
         if path.suffix in (".pth", ".pt"):
-            return _load_book(path, config, dropout)
+            return _with_meta(_load_book(path, config, dropout))
         raise UserError(f"{path}: expected a checkpoint directory (config.json + model.safetensors) or a book .pth file")
-    config_file = path / "config.json"
+    if is_peft_adapter(path):
+        return _load_peft(path, dropout)
     if (path / ADAPTER_CONFIG).exists() or read_config(path).get("format") == FORMAT:
-        return load_model(path, dropout=dropout)[0]  # a GPT, or the classifier a recipe trained
+        return load_model(path, dropout=dropout)  # a GPT, or the classifier a recipe trained
     raw = read_config(path)
     weights = _weights_file(path)
-    config = config or _hf_config(raw, config_file)
-    return _assemble(replace(config, dropout=dropout), _from_hf(_read_tensors(weights)), weights)
+    config = replace(config or read_hf_config(raw, path / CONFIG_FILE), dropout=dropout)
+    if SEQUENCE_CLASSIFIER not in (raw.get("architectures") or []):
+        return _with_meta(_assemble(config, from_hf(_read_tensors(weights)), weights))
+    labels = _hf_labels(raw, path / CONFIG_FILE)
+    tensors = _classifier_tensors(from_hf(_read_tensors(weights)), len(labels))
+    model = assemble(lambda: GPTClassifier(GPT(config), len(labels)), tensors, weights)
+    return _with_meta(model, labels)
+
+
+def _with_meta(model: torch.nn.Module, labels: list[str] | None = None) -> tuple[torch.nn.Module, dict]:
+    """What a finetune checkpoint would record about a model that came from elsewhere."""
+    meta = model.checkpoint_meta()
+    if isinstance(model, GPTClassifier):
+        labels = labels or [f"LABEL_{i}" for i in range(model.num_classes)]
+        meta |= {"labels": labels, "max_length": model.gpt.config.context_length, "keep": "start"}
+    return model, meta
+
+
+def _hf_labels(raw: dict, where: Path) -> list[str]:
+    id2label = raw.get("id2label") or {}
+    try:
+        count = len(id2label) or int(raw.get("num_labels", 2))
+        return [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(count)]
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{where}: bad id2label/num_labels ({e})") from e
+
+
+def _classifier_tensors(tensors: Iterator[tuple[str, torch.Tensor]], num_labels: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers' classifier in our names: its bias-free `score` is our head with a zero bias."""
+    for name, t in tensors:
+        if name == f"{HEAD}.weight":
+            yield "head.weight", t
+        elif name != "lm_head.weight":
+            yield f"gpt.{name}", t
+    yield "head.bias", torch.zeros(num_labels)
+
+
+def _load_peft(directory: Path, dropout: float) -> tuple[torch.nn.Module, dict]:
+    """A PEFT LoRA adapter on its base, in our LoRA layers: the same logits as `PeftModel`."""
+    adapter = read_adapter(directory)
+    base_path = Path(adapter.base).expanduser()
+    if not base_path.is_absolute() and not base_path.exists() and (directory / base_path).exists():
+        base_path = directory / base_path  # a base written beside the adapter
+    try:
+        base, meta = load_with_meta(base_path if base_path.exists() else adapter.base, dropout=dropout)
+    except UserError as e:
+        raise UserError(f"{directory / ADAPTER_CONFIG}: base_model_name_or_path: {e}") from e
+    if lora_layers(base):
+        raise UserError(f"{directory / ADAPTER_CONFIG}: the base '{adapter.base}' has adapters of its own; "
+                        "merge them first (finetune merge)")
+    if adapter.task == "lm":
+        if not isinstance(base, GPT):
+            raise UserError(f"{directory / ADAPTER_CONFIG}: a CAUSAL_LM adapter on the classifier '{adapter.base}'")
+        model, prefix = base, ""
+    else:
+        if isinstance(base, GPTClassifier):
+            model = base
+        else:
+            if "head.weight" not in adapter.saved:
+                raise UserError(f"{directory / PEFT_WEIGHTS}: a SEQ_CLS adapter without its '{HEAD}' layer, which "
+                                f"transformers initialises at random; train it with modules_to_save=['{HEAD}']")
+            model = GPTClassifier(base, adapter.saved["head.weight"].shape[0])
+            with torch.no_grad():
+                model.head.bias.zero_()  # transformers' score layer has no bias
+            meta = {}
+        model.pool = "last_token"  # where transformers reads: the last token that is not padding
+        prefix = "gpt."
+    if ("lm_head" in adapter.lora or "lm_head.weight" in adapter.saved) and (model.gpt if prefix else model).config.tie_embeddings:
+        raise UserError(f"{directory / PEFT_WEIGHTS}: the adapter changes lm_head, which this base ties to the token embedding")
+    layers = {name: name if name == "head" else prefix + name for name in adapter.lora}
+    wrap_layers(model, list(layers.values()), adapter.rank, adapter.alpha, adapter.dropout)
+    _copy_into(model, {f"{layers[m]}.lora_{ab}": t for m, pair in adapter.lora.items() for ab, t in zip("AB", pair)},
+               directory)
+    _copy_into(model, {name if name.startswith("head.") else prefix + name: t for name, t in adapter.saved.items()},
+               directory)
+    for name, p in model.named_parameters():  # as PEFT trains it: the adapters and the modules saved whole
+        p.requires_grad = "lora_" in name or name.removeprefix(prefix) in adapter.saved
+    return _with_meta(model, meta.get("labels"))
+
+
+@torch.no_grad()
+def _copy_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        if name not in params:
+            raise UserError(f"{directory / PEFT_WEIGHTS}: {name} has no place in the base model")
+        if params[name].shape != t.shape:
+            raise UserError(f"{directory / PEFT_WEIGHTS}: {name} has shape {tuple(t.shape)}, the base needs "
+                            f"{tuple(params[name].shape)}; the adapter was trained on another base")
+        params[name].copy_(t)
 
 
 _HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(name: str) -> bool:
+    """`owner/name`, as the Hugging Face hub names repositories."""
+    return bool(_HUB_REPO.fullmatch(name))
 
 
 def _download(name: str) -> Path:
     if name in PRESETS and name not in HUB_IDS:
         raise UserError(f"'{name}' has no pretrained weights; use a random init (model.init=random, or --init random)")
     repo = HUB_IDS.get(name, name)
-    if not _HUB_REPO.fullmatch(repo):
+    if not is_hub_id(repo):
         raise UserError(
             f"'{name}': no such file or directory, and not a hub id ({', '.join(HUB_IDS)}, or owner/name); "
             "pass a directory with config.json + model.safetensors or a book .pth file"
@@ -146,28 +236,6 @@ def _weights_file(directory: Path) -> Path:
         if (directory / name).is_file():
             return directory / name
     raise UserError(f"{directory}: no weights file; expected one of {', '.join(WEIGHT_FILES)}")
-
-
-def _hf_config(raw: dict, where: Path) -> GPTConfig:
-    if raw.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{where}: model_type '{raw.get('model_type')}' is not gpt2")
-    if raw.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"{where}: activation_function '{raw['activation_function']}' is not GPT-2's tanh GELU")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
-        if raw.get(flag):
-            raise UserError(f"{where}: {flag}=true is not supported")
-    try:
-        return GPTConfig(
-            vocab_size=raw.get("vocab_size", 50257),
-            context_length=raw.get("n_positions", raw.get("n_ctx", 1024)),
-            n_embd=raw.get("n_embd", 768),
-            n_layer=raw.get("n_layer", 12),
-            n_head=raw.get("n_head", 12),
-            layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=raw.get("tie_word_embeddings", True),
-        )
-    except TypeError as e:
-        raise UserError(f"{where}: bad GPT-2 config ({e})") from e
 
 
 def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -192,24 +260,6 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state dict of tensors")
     return state
-
-
-def _from_hf(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    to_ours = {hf: (ours, transposed) for ours, (hf, transposed) in _HF_BLOCK.items()}
-    block_key = re.compile(r"h\.(\d+)\.(.+)")
-    for name, t in tensors:
-        name = name.removeprefix("transformer.")
-        if name in ("lm_head.weight",):
-            yield name, t
-        elif name in _HF_TOP:
-            yield _HF_TOP[name], t
-        elif (m := block_key.fullmatch(name)) and m.group(2) in to_ours:
-            ours, transposed = to_ours[m.group(2)]
-            yield f"blocks.{m.group(1)}.{ours}", t.t() if transposed else t
-        elif m and m.group(2) in ("attn.bias", "attn.masked_bias"):
-            continue  # causal-mask buffers of older checkpoints, not parameters
-        else:
-            yield name, t  # reported as unexpected
 
 
 def _from_book(state: dict[str, torch.Tensor], C: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -298,6 +348,12 @@ def _builder(meta: dict, where: Path) -> Callable:
     def trunk(gpt):
         return gpt if isinstance(gpt, GPT) else GPT(gpt)
 
+    def classifier(model):
+        if isinstance(model, GPTClassifier):  # a run that started from a classifier
+            model.pool = pool
+            return model
+        return GPTClassifier(trunk(model), num_classes, pool)
+
     task = meta.get("task")
     if task == "lm":
         return trunk
@@ -306,7 +362,7 @@ def _builder(meta: dict, where: Path) -> Callable:
             num_classes, pool = meta["num_classes"], meta["pool"]
         except KeyError as e:
             raise UserError(f"{where}: classification checkpoint without {e}") from e
-        return lambda gpt: GPTClassifier(trunk(gpt), num_classes, pool)
+        return classifier
     raise UserError(f"{where}: unknown task {task!r}")
 
 
@@ -322,11 +378,17 @@ def _load_adapter_model(directory: Path, dropout: float) -> tuple[torch.nn.Modul
         gpt = build_model(base["name"], base["init"], dropout)
     except KeyError as e:
         raise UserError(f"{where}: missing entry {e}") from e
-    if replace(gpt.config, dropout=0.0) != replace(expected, dropout=0.0):
+    shape = (gpt.gpt if isinstance(gpt, GPTClassifier) else gpt).config
+    if replace(shape, dropout=0.0) != replace(expected, dropout=0.0):
         raise UserError(f"{where}: the adapter was trained on a base of shape {expected.to_dict()}, "
-                        f"but '{base['name']}' has shape {gpt.config.to_dict()}")
+                        f"but '{base['name']}' has shape {shape.to_dict()}")
     model = _builder(meta, where)(gpt)
-    if adapter["layers"]:
+    imported = sorted(name for name, m in model.named_modules() if isinstance(m, LoRALinear))
+    if imported and not adapter["layers"]:
+        merged_model(model)  # the run trained layers of the imported adapter's merged model
+    elif imported != adapter["layers"] and imported:
+        raise UserError(f"{where}: the base '{base['name']}' has LoRA layers other than the adapter's")
+    elif adapter["layers"] and not imported:
         wrap_layers(model, adapter["layers"], adapter["rank"], adapter["alpha"], adapter["dropout"])
     stored = tensor_names(directory / ADAPTER_FILE)
     for name, p in model.named_parameters():  # as in training: adapters and the modules trained beside them

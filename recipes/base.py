@@ -21,11 +21,13 @@ from torch.utils.data import Dataset
 
 from finetune.checkpoint import write_text_atomic
 from finetune.config import RunConfig, load_config
+from finetune.errors import UserError
+from finetune.model import GPT
 from finetune.runs import kept_checkpoint
 from finetune.serialization import read_meta
 from finetune.trainable import configure_trainable
 from finetune.trainer import Task, Trainer, check_output_dir, make_accelerator
-from finetune.weights import load_model
+from finetune.weights import build_model, load_model, load_with_meta
 
 SPLITS = ("train", "val", "test")
 C = TypeVar("C", bound=RunConfig)
@@ -77,6 +79,15 @@ class Recipe(ABC, Generic[C, D]):
         """The metrics a person reads first, as aligned text."""
 
 
+def language_model(config: RunConfig) -> GPT:
+    """`model.name` for a recipe that trains a language model: anything but a classifier."""
+    model = build_model(config.model.name, config.model.init, config.model.dropout)
+    if not isinstance(model, GPT):
+        raise UserError(f"model.name: '{config.model.name}' is a classifier; the {config.recipe} recipe trains a "
+                        "language model (give a language model, a hub id or a preset)")
+    return model
+
+
 def base_spec(config: RunConfig) -> dict:
     """How to rebuild the base model under an adapter: its name, or (random init) the seed that made it."""
     return {"name": config.model.name, "init": config.model.init, "seed": config.train.seed}
@@ -105,9 +116,18 @@ def train(recipe: Recipe, config: RunConfig, quiet: bool = False) -> dict:
     return metrics
 
 
-def evaluate_run(recipe: Recipe, out: Path, splits: tuple[str, ...]) -> dict:
-    """Metrics of a finished run's kept checkpoint: the same numbers as at the end of its training."""
+def evaluate_run(recipe: Recipe, out: Path, splits: tuple[str, ...], other: str | None = None) -> dict:
+    """Metrics of a finished run's kept checkpoint: the same numbers as at the end of its training. With
+    `other` (a PEFT adapter, an export, another run's checkpoint), that model's metrics on the same data."""
     config = load_config(recipe.Config, Path(out) / "config.yaml")
     accelerator = make_accelerator(config.train)
-    model, meta = load_model(kept_checkpoint(out))
+    if other is None:
+        model, meta = load_model(kept_checkpoint(out))
+    else:
+        meta = read_meta(kept_checkpoint(out))
+        model, own = load_with_meta(other)
+        if (own["task"], own.get("num_classes")) != (meta["task"], meta.get("num_classes")):
+            kind = f"{own.get('num_classes')}-class classifier" if own["task"] == "classification" else "language model"
+            raise UserError(f"--model {other}: a {kind}, which the {recipe.name} run {out} cannot evaluate")
+        meta |= {key: own[key] for key in ("model", "pool") if key in own}
     return recipe.evaluate(config, recipe.prepare(config), accelerator.prepare(model), meta, splits, accelerator, {})

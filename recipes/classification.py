@@ -35,11 +35,10 @@ from finetune.evals.plots import plot_confusion, plot_curves
 from finetune.features import CollateFeatures, cache_splits
 from finetune.progress import progress
 from finetune.recipes.base import SPLITS, Recipe, Setup
-from finetune.runs import resolve
 from finetune.tables import Format, Table, read_table
 from finetune.tokenizer import EOT_ID, get_tokenizer
 from finetune.trainer import eval_loader
-from finetune.weights import build_model, load_model
+from finetune.weights import build_model, load_with_meta
 
 Example = tuple[int, str]  # (class index, text)
 
@@ -380,8 +379,14 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
         return LabelledData(splits, names)
 
     def build_model(self, config: ClassificationConfig, data: LabelledData) -> GPTClassifier:
-        gpt = build_model(config.model.name, config.model.init, config.model.dropout)
-        return GPTClassifier(gpt, num_classes=len(data.labels), pool=config.model.pool)
+        model = build_model(config.model.name, config.model.init, config.model.dropout)
+        if not isinstance(model, GPTClassifier):
+            return GPTClassifier(model, num_classes=len(data.labels), pool=config.model.pool)
+        if model.num_classes != len(data.labels):  # a classifier to go on training (exported, or a PEFT adapter)
+            raise UserError(f"model.name: '{config.model.name}' is a classifier of {model.num_classes} classes, "
+                            f"but the data has {len(data.labels)} ({', '.join(data.labels)})")
+        model.pool = config.model.pool
+        return model
 
     def setup(self, config: ClassificationConfig, data: LabelledData, model: GPTClassifier,
               accelerator: Accelerator, quiet: bool) -> Setup:
@@ -480,8 +485,9 @@ RECIPE = Classification("classification", ClassificationConfig)
 
 
 def load_classifier(source: Path) -> tuple[GPTClassifier, dict]:
-    """A classification checkpoint (or a classification run's kept one), refusing any other kind."""
-    model, meta = load_model(resolve(source))
+    """A classifier: a classification run's kept checkpoint, a checkpoint, a transformers
+    GPT2ForSequenceClassification directory or a PEFT SEQ_CLS adapter; refusing any other kind."""
+    model, meta = load_with_meta(source)
     if meta.get("task") != "classification":
         raise UserError(f"{source}: a {meta.get('task')} checkpoint, not a classifier; give a classification run")
     return model, meta

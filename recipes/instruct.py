@@ -31,11 +31,10 @@ from finetune.generate import generate
 from finetune.losses import IGNORE
 from finetune.next_token import NextTokenTask
 from finetune.progress import progress
-from finetune.recipes.base import SPLITS, Recipe, Setup
+from finetune.recipes.base import SPLITS, Recipe, Setup, language_model
 from finetune.tables import Format, read_table
 from finetune.tokenizer import EOT_ID, get_tokenizer
 from finetune.trainer import eval_loader
-from finetune.weights import build_model
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
@@ -208,7 +207,7 @@ class Instruct(Recipe[InstructConfig, dict]):
         return split_records(read_records(data_path(config.data), config.data), config.data)
 
     def build_model(self, config: InstructConfig, data: dict) -> torch.nn.Module:
-        return build_model(config.model.name, config.model.init, config.model.dropout)
+        return language_model(config)
 
     def setup(self, config: InstructConfig, data: dict[str, list[Record]], model, accelerator: Accelerator,
               quiet: bool) -> Setup:

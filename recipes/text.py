@@ -27,10 +27,9 @@ from finetune.errors import UserError
 from finetune.evals.plots import plot_curves
 from finetune.generate import generate
 from finetune.next_token import NextTokenTask
-from finetune.recipes.base import Recipe, Setup
+from finetune.recipes.base import Recipe, Setup, language_model
 from finetune.tokenizer import EOT_ID, encode, get_tokenizer
 from finetune.trainer import eval_loader
-from finetune.weights import build_model
 
 SPLITS = ("train", "val")
 
@@ -114,7 +113,7 @@ class Text(Recipe[TextConfig, Corpus]):
         return read_corpus(config.data)
 
     def build_model(self, config: TextConfig, data: Corpus) -> torch.nn.Module:
-        return build_model(config.model.name, config.model.init, config.model.dropout)
+        return language_model(config)
 
     def setup(self, config: TextConfig, data: Corpus, model, accelerator: Accelerator, quiet: bool) -> Setup:
         max_length, stride = window_shape(config, model.config.context_length)

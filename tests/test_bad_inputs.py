@@ -76,6 +76,7 @@ def files(tmp_path_factory):
 
     from finetune import GPT, GPTConfig
     from finetune.checkpoint import write_directory
+    from finetune.classifier import GPTClassifier
     from finetune.serialization import model_files
 
     torch.manual_seed(0)
@@ -84,7 +85,40 @@ def files(tmp_path_factory):
     corrupt.mkdir()
     (corrupt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}))
     (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not a safetensors file")
+    _peft_files(root)
+    classifier = GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny")), 2, pool="last_position")
+    write_directory(root / "last_position_ckpt", model_files(classifier, {"labels": ["a", "b"], "max_length": 8}))
+    (root / "norun").mkdir()
+    (root / "norun" / "config.yaml").write_text("recipe: spam\n")
     return root
+
+
+def _peft_files(root):
+    """PEFT adapter directories, each wrong in one way, on the gpt2-tiny checkpoint lm_ckpt (64 wide)."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+              "base_model_name_or_path": str(root / "lm_ckpt")}
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_{}.weight"
+    adapters = {
+        "peft_noconfig": (None, {key.format("A"): torch.zeros(4, 64), key.format("B"): torch.zeros(192, 4)}),
+        "peft_malformed": ("{broken", {key.format("A"): torch.zeros(4, 64), key.format("B"): torch.zeros(192, 4)}),
+        "peft_dora": ({**config, "use_dora": True}, {}),
+        "peft_wrong_base": (config, {key.format("A"): torch.zeros(4, 60), key.format("B"): torch.zeros(180, 4)}),
+        "peft_target": (config, {"base_model.model.transformer.wte.lora_A.weight": torch.zeros(4, 50257),
+                                 "base_model.model.transformer.wte.lora_B.weight": torch.zeros(64, 4)}),
+    }
+    for name, (adapter_config, tensors) in adapters.items():
+        (root / name).mkdir()
+        if adapter_config is not None:
+            text = adapter_config if isinstance(adapter_config, str) else json.dumps(adapter_config)
+            (root / name / "adapter_config.json").write_text(text)
+        if tensors:
+            save_file(tensors, str(root / name / "adapter_model.safetensors"))
+    (root / "peft_pickle").mkdir()
+    (root / "peft_pickle" / "adapter_config.json").write_text(json.dumps(config))
+    torch.save({key.format("A"): torch.zeros(4, 64)}, root / "peft_pickle" / "adapter_model.bin")
 
 
 def spam(out, data, *extra):
@@ -189,12 +223,29 @@ CASES = [
     ("resume-finished", lambda o, d, f: tiny_spam_args(d, o, "train.epochs=1", "resume=true"), "already finished"),
     # checkpoints
     ("eval-not-a-run", lambda o, d, f: ["eval", str(f)], "not a run directory"),
-    ("classify-not-a-checkpoint", lambda o, d, f: ["classify", str(f), "--text", "hi"], "not a finetune checkpoint"),
+    ("classify-not-a-checkpoint", lambda o, d, f: ["classify", str(f), "--text", "hi"], "no weights file"),
     ("merge-no-adapter", lambda o, d, f: ["merge", str(o), str(f / "merged")], "no adapter to merge"),
     ("generate-missing-path", lambda o, d, f: ["generate", "--model", str(f / "none"), "--prompt", "hi"], "no such file or directory"),
     ("generate-corrupt-weights", lambda o, d, f: ["generate", "--model", str(f / "corrupt_ckpt"), "--prompt", "hi"], "corrupt or truncated"),
     ("generate-dir-without-weights", lambda o, d, f: ["generate", "--model", str(f), "--prompt", "hi"], "no weights file"),
     ("respond-on-spam-run", lambda o, d, f: ["respond", str(o)], "not an instruct run"),
+    # export and PEFT adapters
+    ("export-no-checkpoint", lambda o, d, f: ["export", str(f / "norun"), str(f / "out")], "norun: no checkpoint found"),
+    ("export-out-exists", lambda o, d, f: ["export", str(o), str(f)], "exists; export writes a new directory"),
+    ("export-peft-without-lora", lambda o, d, f: ["export", str(o), str(f / "out"), "--format", "peft"], "has no LoRA adapter"),
+    ("export-last-position", lambda o, d, f: ["export", str(f / "last_position_ckpt"), str(f / "out")],
+     "model.pool=last_position reads padding positions"),
+    ("peft-no-config", lambda o, d, f: ["generate", "--model", str(f / "peft_noconfig"), "--prompt", "hi"],
+     "peft_noconfig: not a checkpoint (no adapter_config.json)"),
+    ("peft-malformed-config", lambda o, d, f: ["generate", "--model", str(f / "peft_malformed"), "--prompt", "hi"],
+     "adapter_config.json: not valid JSON"),
+    ("peft-pickle", lambda o, d, f: ["generate", "--model", str(f / "peft_pickle"), "--prompt", "hi"],
+     "adapter_model.bin: pickled adapters are refused"),
+    ("peft-dora", lambda o, d, f: ["generate", "--model", str(f / "peft_dora"), "--prompt", "hi"],
+     "use_dora=true is not supported"),
+    ("peft-wrong-base", lambda o, d, f: ["generate", "--model", str(f / "peft_wrong_base"), "--prompt", "hi"],
+     "has shape (4, 60), the base needs (4, 64); the adapter was trained on another base"),
+    ("peft-target", lambda o, d, f: ["classify", str(f / "peft_target"), "--text", "hi"], "LoRA on 'transformer.wte'"),
     # CLI
     ("cli-unknown-command", lambda o, d, f: ["train"], "invalid choice: 'train'"),
     ("cli-bad-number", lambda o, d, f: ["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
