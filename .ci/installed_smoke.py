@@ -45,7 +45,9 @@ for argv in (["recipes"],
              ["run", "instruct", "--config", "instruct_tiny", "train.epochs=1", "generation.max_new_tokens=16"],
              ["run", "classification", "--config", "classification_tiny", "data.path=tickets.csv",
               "data.text_field=body", "data.label_field=team", "train.epochs=1"],
-             ["predict", "runs/classification_tiny", "--data", "tickets.csv", "--text-field", "body", "--out", "p.csv"]):
+             ["predict", "runs/classification_tiny", "--data", "tickets.csv", "--text-field", "body", "--out", "p.csv"],
+             ["export", "runs/classification_tiny", "exported/classifier"],
+             ["export", "runs/instruct_tiny", "exported/instruct"]):
     print("$ finetune", " ".join(argv), flush=True)
     code = main(argv)
     assert code == 0, f"finetune {' '.join(argv)} exited {code}"
@@ -53,5 +55,8 @@ with open("p.csv", newline="", encoding="utf-8") as f:
     assert len(list(csv.DictReader(f))) == 90, "one prediction per input row"
 for run_dir in ("runs/spam_tiny", "runs/instruct_tiny", "runs/classification_tiny"):
     assert (Path(run_dir) / "metrics.json").is_file() and (Path(run_dir) / "best").is_dir(), run_dir
+for exported in ("exported/classifier", "exported/instruct"):  # the tokenizer comes from the installed package
+    assert all((Path(exported) / name).is_file() for name in ("config.json", "model.safetensors", "vocab.json",
+                                                              "merges.txt", "README.md")), exported
 assert not opened_in_checkout, f"files of the checkout were opened: {opened_in_checkout[:5]}"
 print("installed wheel: every preset ran from an empty directory; no file of the checkout was read")
