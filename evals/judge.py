@@ -34,14 +34,16 @@ class Judgement:
 
 class JudgeClient:
     def __init__(self, url: str, model: str, timeout: float = 60.0, retries: int = 2, backoff: float = 1.0) -> None:
+        if url.rstrip("/").endswith("/v1"):  # an OpenAI-compatible base URL, as OpenAI's clients take it
+            url = url.rstrip("/") + "/chat/completions"
         if url.rstrip("/").endswith("/api/chat"):
             self.api = "ollama"
         elif url.rstrip("/").endswith("/chat/completions"):
             self.api = "openai"
         else:
             raise UserError(
-                f"judge URL {url!r}: give the full endpoint, e.g. http://localhost:11434/api/chat (Ollama) "
-                "or http://localhost:8000/v1/chat/completions (OpenAI-compatible)"
+                f"judge URL {url!r}: give the endpoint, e.g. http://localhost:11434/api/chat (Ollama) "
+                "or http://localhost:8000/v1 (OpenAI-compatible, e.g. finetune serve)"
             )
         self.url, self.model = url, model
         self.timeout, self.retries, self.backoff = timeout, retries, backoff

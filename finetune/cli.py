@@ -104,6 +104,12 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported {source} to {args.out_dir} ({args.format})")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from finetune.server import serve
+
+    serve(args.model, args.init, args.host, args.port, args.api_key, args.bf16, args.max_batch)
+
+
 def _recipes(args: argparse.Namespace) -> None:
     from finetune.recipes import RECIPES, presets
 
@@ -173,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=["transformers", "peft"], default="transformers",
                      help="transformers: a model from_pretrained loads, adapters merged in; peft: the LoRA adapter on its base")
     exp.set_defaults(func=_export)
+
+    srv = commands.add_parser("serve", help="serve a model over OpenAI's HTTP API, with a page to try it at /")
+    srv.add_argument("model", help="anything generate or classify takes: run, checkpoint, PEFT adapter, hub id, preset")
+    srv.add_argument("--init", choices=["pretrained", "random"], default="pretrained")
+    srv.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) serves this machine only")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API request")
+    srv.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together")
+    srv.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    srv.set_defaults(func=_serve)
 
     for module in COMMAND_MODULES:  # the recipes' and evals' own commands
         import_module(module).add_commands(commands)

@@ -246,6 +246,8 @@ CASES = [
     ("peft-wrong-base", lambda o, d, f: ["generate", "--model", str(f / "peft_wrong_base"), "--prompt", "hi"],
      "has shape (4, 60), the base needs (4, 64); the adapter was trained on another base"),
     ("peft-target", lambda o, d, f: ["classify", str(f / "peft_target"), "--text", "hi"], "LoRA on 'transformer.wte'"),
+    ("serve-missing-model", lambda o, d, f: ["serve", str(f / "none"), "--port", "0"], "no such file or directory"),
+    ("serve-random-needs-preset", lambda o, d, f: ["serve", "./mine", "--init", "random", "--port", "0"], "needs a preset name"),
     # CLI
     ("cli-unknown-command", lambda o, d, f: ["train"], "invalid choice: 'train'"),
     ("cli-bad-number", lambda o, d, f: ["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),

@@ -119,5 +119,5 @@ def test_server_errors_are_retried(server, responses, capsys):
 def test_unreachable_judge_and_bad_url(responses, capsys):
     summary, raw = score(capsys, responses, "http://127.0.0.1:9/api/chat")  # the discard port: nothing listens
     assert summary["judge_failed"] == 3 and "unreachable" in raw[0]["error"]
-    assert "give the full endpoint" in one_line_error(capsys, "score", str(responses), "--judge-url", "http://127.0.0.1:1",
+    assert "give the endpoint" in one_line_error(capsys, "score", str(responses), "--judge-url", "http://127.0.0.1:1",
                                                       "--judge-model", "m")

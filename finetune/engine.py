@@ -1,0 +1,277 @@
+"""Decoding for many requests at once: requests that arrive together are prefilled together, and every
+active request advances one token per step in one batched forward pass with a shared KV cache.
+
+Each request owns a slot (a row of the cache). Rows are right-aligned at a shared write position `W`:
+row i holds its tokens at cache positions `[start_i, W)`, is masked everywhere else, and reads its own
+position ids, so a request computes what it would compute alone. A request that joins later is
+prefilled on its own rows and copied in ending at `W`; finished or cancelled requests free their slot
+at the next step. The engine runs in one thread; callers submit from any thread and receive events
+through the callback they pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from finetune.generate import filter_logits
+from finetune.model import GPT, KVCache
+from finetune.tokenizer import EOT_ID
+
+
+@dataclass
+class TokenScore:
+    """A token, its log-probability under the model, and the `top` most likely tokens there."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class Event:
+    kind: str  # "prompt" (scores of the prompt tokens), "token", "done" or "error"
+    scores: list[TokenScore] = field(default_factory=list)
+    finish_reason: str | None = None  # with "done": "stop" (end of text, or cancelled) or "length"
+    message: str | None = None  # with "error"
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt to continue. `logprobs`: how many alternatives to report per token (None: no scores);
+    `score_prompt`: also report the prompt tokens' scores (OpenAI's echo + logprobs)."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[Event], None]
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int | None = None
+    logprobs: int | None = None
+    score_prompt: bool = False
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop generating (a stop string was reached, or the client left); the slot frees at the next step."""
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Row:
+    request: Request
+    slot: int
+    start: int
+    last: int
+    generated: int
+    generator: torch.Generator
+
+
+class Engine:
+    def __init__(self, model: GPT, max_batch: int = 8) -> None:
+        self.model = model.eval()
+        self.max_batch = max_batch
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._pending: deque[Request] = deque()
+        self._rows: list[_Row] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._k = self._v = None  # (layers, slots, heads, capacity, head_dim)
+        self._write = 0  # W: the cache position the next step writes
+        self.largest_batch = 0  # the most requests one step has decoded together
+        self.tokens_generated = 0
+        self._thread = threading.Thread(target=self._loop, name="finetune-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        with self._wake:
+            self._pending.append(request)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    @property
+    def active(self) -> int:
+        """Requests holding a slot (a test and the page read it; no lock needed for a count)."""
+        return len(self._rows)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._closed and not self._pending and not self._rows:
+                        self._wake.wait()
+                    if self._closed:
+                        return
+                    free = self.max_batch - len(self._rows)
+                    admitted = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+                try:
+                    self._drop_cancelled()
+                    for request in [r for r in admitted if r.cancelled]:  # the client left while it waited
+                        request.emit(Event("done", finish_reason="stop"))
+                    admitted = [r for r in admitted if not r.cancelled]
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # a failure ends the requests in flight, never the server
+                    for row in self._rows:
+                        row.request.emit(Event("error", message=f"{type(e).__name__}: {e}"))
+                    for request in admitted:
+                        request.emit(Event("error", message=f"{type(e).__name__}: {e}"))
+                    self._rows = []
+
+    def _drop_cancelled(self) -> None:
+        for row in [r for r in self._rows if r.request.cancelled]:
+            self._finish(row, "stop")
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        self._rows.remove(row)
+        row.request.emit(Event("done", finish_reason=reason))
+        if not self._rows:
+            self._write = 0
+
+    # -- prefill: new requests, together -----------------------------------------------------------
+
+    def _prefill(self, requests: list[Request]) -> None:
+        prompts = [r.prompt for r in requests]
+        T = max(map(len, prompts))
+        tokens = torch.tensor([[EOT_ID] * (T - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = KVCache(self.model.config, len(prompts), T)
+        padded = bool((mask == 0).any())
+        hidden = self.model(tokens, attention_mask=mask if padded else None, positions=positions, cache=cache,
+                            return_hidden=True)
+        last = self.model.lm_head(hidden[:, -1]).float()
+        for i, request in enumerate(requests):
+            if request.score_prompt:
+                p = len(request.prompt)
+                logits = self.model.lm_head(hidden[i, T - p:-1]).float()
+                scores = [TokenScore(request.prompt[0], None)] + self._scores(logits, request.prompt[1:], request.logprobs)
+                request.emit(Event("prompt", scores=scores))
+            if request.max_tokens == 0:
+                request.emit(Event("done", finish_reason="length"))
+                continue
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(2**62, ()).item()))
+            token = self._choose(last[i], request, generator)
+            row = _Row(request, self._free_slot(), 0, token, 1, generator)
+            if self._emit_token(row, last[i]):
+                self._place(row, cache, i, T)
+
+    def _free_slot(self) -> int:
+        used = {row.slot for row in self._rows}
+        return next(s for s in range(self.max_batch) if s not in used)
+
+    def _place(self, row: _Row, cache: KVCache, i: int, T: int) -> None:
+        """Copy a prefilled prompt into its slot, ending at the write position."""
+        p = len(row.request.prompt)
+        if self._write < p:  # move everyone right to make room for a longer prompt
+            self._ensure(p)
+            shift = p - self._write
+            for name in ("_k", "_v"):
+                buffer = getattr(self, name)
+                buffer[:, :, :, shift:p] = buffer[:, :, :, :self._write].clone()
+            for other in self._rows:
+                other.start += shift
+            self._write = p
+        self._ensure(self._write)
+        row.start = self._write - p
+        self._k[:, row.slot, :, row.start:self._write] = cache.k[:, i, :, T - p:T]
+        self._v[:, row.slot, :, row.start:self._write] = cache.v[:, i, :, T - p:T]
+        self._rows.append(row)
+
+    def _ensure(self, length: int) -> None:
+        """Room for `length` positions in every slot: the cache grows in steps of 128, up to the context."""
+        capacity = 0 if self._k is None else self._k.shape[3]
+        if length <= capacity:
+            return
+        c = self.model.config
+        new = min(c.context_length, max(length, capacity * 2, 128))
+        shape = (c.n_layer, self.max_batch, c.n_head, new, c.n_embd // c.n_head)
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self._k is not None:
+            k[:, :, :, :self._write] = self._k[:, :, :, :self._write]
+            v[:, :, :, :self._write] = self._v[:, :, :, :self._write]
+        self._k, self._v = k, v
+
+    # -- one decoding step for every active request ----------------------------------------------
+
+    def _step(self) -> None:
+        if self._write == self.model.config.context_length:  # the shared buffer is full: drop the unused left part
+            shift = min(row.start for row in self._rows)
+            for name in ("_k", "_v"):
+                buffer = getattr(self, name)
+                buffer[:, :, :, :self._write - shift] = buffer[:, :, :, shift:self._write].clone()
+            for row in self._rows:
+                row.start -= shift
+            self._write -= shift
+        self._ensure(self._write + 1)
+        n = max(row.slot for row in self._rows) + 1
+        W = self._write
+        self.largest_batch = max(self.largest_batch, len(self._rows))
+        tokens = torch.full((n, 1), EOT_ID, device=self.device)
+        positions = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+        keys = torch.zeros((n, W + 1), dtype=torch.long, device=self.device)
+        for row in self._rows:
+            tokens[row.slot, 0] = row.last
+            positions[row.slot, 0] = W - row.start
+            keys[row.slot, row.start:] = 1
+        cache = KVCache(self.model.config, n, W + 1)
+        cache.k, cache.v, cache.length = self._k[:, :n], self._v[:, :n], W
+        hidden = self.model(tokens, attention_mask=keys, positions=positions, cache=cache, return_hidden=True)
+        logits = self.model.lm_head(hidden[:, -1]).float()
+        self._write = W + 1
+        for row in list(self._rows):
+            if row.request.cancelled:
+                self._finish(row, "stop")
+                continue
+            row.last = self._choose(logits[row.slot], row.request, row.generator)
+            row.generated += 1
+            if not self._emit_token(row, logits[row.slot]):
+                self._rows.remove(row)
+                if not self._rows:
+                    self._write = 0
+
+    def _emit_token(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Report the row's new token; False when the request is complete (its done event sent)."""
+        request = row.request
+        self.tokens_generated += 1
+        score = self._scores(logits[None], [row.last], request.logprobs)[0] if request.logprobs is not None else TokenScore(row.last, None)
+        request.emit(Event("token", scores=[score]))
+        if row.last == EOT_ID or row.generated >= request.max_tokens:
+            request.emit(Event("done", finish_reason="stop" if row.last == EOT_ID else "length"))
+            return False
+        return True
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, request: Request, generator: torch.Generator) -> int:
+        if request.temperature == 0:
+            return int(logits.argmax())
+        probs = filter_logits(logits[None], request.temperature, None, request.top_p).softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    @staticmethod
+    def _scores(logits: torch.Tensor, tokens: list[int], top: int | None) -> list[TokenScore]:
+        """Log-probabilities of `tokens` under `logits` (one row per token), with the `top` best of each row."""
+        if not tokens:
+            return []
+        logprobs = logits.float().log_softmax(-1)
+        chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+        if not top:
+            return [TokenScore(t, lp, [] if top == 0 else None) for t, lp in zip(tokens, chosen)]
+        best = logprobs.topk(top, dim=-1)
+        return [TokenScore(t, lp, list(zip(ids, values))) for t, lp, ids, values
+                in zip(tokens, chosen, best.indices.tolist(), best.values.tolist())]

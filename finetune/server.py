@@ -1,0 +1,493 @@
+"""`finetune serve`: one model behind OpenAI's HTTP API, and a page to try it at `/`.
+
+FastAPI (request validation, OpenAPI docs at /docs) on uvicorn. Language models answer
+`/v1/completions` and `/v1/chat/completions`, streamed as server-sent events on request, decoded
+together in batches by `finetune.engine`; classifiers answer `/v1/classify`. Every error is OpenAI's
+JSON error shape with a 4xx status naming the field, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import secrets
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from finetune.classifier import GPTClassifier
+from finetune.engine import Engine, Event
+from finetune.engine import Request as Generation
+from finetune.errors import UserError
+from finetune.openai_api import APIError, ChatRequest, ClassifyRequest, CompletionRequest
+from finetune.tokenizer import EOT_ID, encode, get_tokenizer
+
+MAX_BODY = 1 << 20  # bytes; a request body beyond it is refused with 413
+MAX_TEXTS = 256  # texts per classification request
+
+
+@dataclass
+class Served:
+    """The model a server holds and what it needs to answer for it."""
+
+    model: object
+    meta: dict
+    name: str
+    instruct: bool  # chat turns become the Alpaca prompt of an instruct run
+
+    @property
+    def classifier(self) -> bool:
+        return isinstance(self.model, GPTClassifier)
+
+
+def load_served(name: str, init: str = "pretrained", bf16: bool = False) -> Served:
+    """What `finetune serve MODEL` serves: anything `finetune generate` or `finetune classify` takes."""
+    import torch
+
+    from finetune.recipes import run_recipe
+    from finetune.weights import build_model, load_with_meta
+
+    if init == "pretrained":
+        model, meta = load_with_meta(name)
+    else:
+        model = build_model(name, init)
+        meta = model.checkpoint_meta()
+    path = Path(name)
+    instruct = (path / "config.yaml").is_file() and run_recipe(path).name == "instruct"
+    model = model.to(torch.bfloat16) if bf16 else model
+    return Served(model.eval(), meta, path.name if path.exists() else name, instruct)
+
+
+def create_app(served: Served, api_key: str | None = None, max_batch: int = 8) -> FastAPI:
+    engine = None if served.classifier else Engine(served.model, max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if engine is not None:
+            engine.close()
+
+    app = FastAPI(title=f"finetune: {served.name}", lifespan=lifespan)
+    classify_lock = threading.Lock()
+    created = int(time.time())
+    context = (served.model.gpt if served.classifier else served.model).config.context_length
+
+    def authorized(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    guarded = [Depends(authorized)]
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first["type"] == "json_invalid":
+            return JSONResponse(APIError(400, f"malformed JSON body ({first.get('ctx', {}).get('error', first['msg'])})").body(), 400)
+        param = ".".join(loc) or None
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field"
+        return JSONResponse(APIError(400, f"{param or 'body'}: {message}", param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else str(error.detail)
+        return JSONResponse(APIError(error.status_code, message).body(), status_code=error.status_code)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return (files("finetune") / "assets" / "serve" / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/health", dependencies=guarded)
+    async def health() -> dict:
+        return {"status": "ok", "model": served.name, "active": engine.active if engine else 0,
+                "largest_batch": engine.largest_batch if engine else 0,
+                "tokens_generated": engine.tokens_generated if engine else 0}
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict:
+        card = {"id": served.name, "object": "model", "created": created, "owned_by": "finetune",
+                "task": "text-classification" if served.classifier else "text-generation",
+                "context_length": context, "chat_template": "alpaca" if served.instruct else "plain"}
+        if served.classifier:
+            card["labels"] = served.meta["labels"]
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest):
+        language_model_only()
+        prompts = [(p, text) for p, text in _prompts(body.prompt, served.model.config.vocab_size)]
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        if max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens: must be >= 1 (0 only with echo=true, to score the prompt)", "max_tokens")
+        for tokens, _ in prompts:
+            _fits(tokens, max_tokens, context)
+        run = _Run(engine, [tokens for tokens, _ in prompts], max_tokens, body, body.logprobs, body.echo and body.logprobs is not None)
+        choices = [_Completion(i, text, body.echo, body.stop, body.logprobs) for i, (_, text) in enumerate(prompts)]
+        reply = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                 "model": served.name}
+        if body.stream:
+            return _sse(run, choices, reply, body.stream_options and body.stream_options.include_usage)
+        await run.collect(choices)
+        return {**reply, "choices": [c.final() for c in choices], "usage": run.usage()}
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat(body: ChatRequest):
+        language_model_only()
+        tokens = _chat_prompt(body, served.instruct)
+        limit = body.max_completion_tokens or body.max_tokens
+        max_tokens = limit if limit is not None else context - len(tokens)
+        _fits(tokens, max_tokens, context, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+        run = _Run(engine, [tokens], max_tokens, body, None, False)
+        choice = _ChatChoice(body.stop, strip=served.instruct)
+        reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                 "model": served.name}
+        if body.stream:
+            return _sse(run, [choice], {**reply, "object": "chat.completion.chunk"},
+                        body.stream_options and body.stream_options.include_usage)
+        await run.collect([choice])
+        return {**reply, "choices": [choice.final()], "usage": run.usage()}
+
+    @app.post("/v1/classify", dependencies=guarded)
+    async def classify(body: ClassifyRequest) -> dict:
+        from finetune.recipes.classification import predict
+
+        if not served.classifier:
+            raise APIError(400, f"model: {served.name} is a language model; use /v1/completions or /v1/chat/completions", "model")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if len(texts) > MAX_TEXTS:
+            raise APIError(400, f"input: {len(texts)} texts, at most {MAX_TEXTS} per request", "input")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise APIError(400, f"input[{i}]: empty text", "input")
+
+        def run() -> list[list[float]]:
+            with classify_lock:
+                return predict(served.model, served.meta, texts).tolist()
+
+        labels = served.meta["labels"]
+        data = [{"index": i, "label": labels[max(range(len(p)), key=p.__getitem__)],
+                 "probabilities": dict(zip(labels, p))} for i, p in enumerate(await run_in_threadpool(run))]
+        return {"object": "list", "model": served.name, "data": data}
+
+    def language_model_only() -> None:
+        if served.classifier:
+            raise APIError(400, f"model: {served.name} is a classifier; use POST /v1/classify", "model")
+
+    return _BodyLimit(app, MAX_BODY)
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+
+
+def _prompts(prompt, vocab: int) -> list[tuple[list[int], str]]:
+    """Token ids and text of each prompt: a string, strings, token ids, or lists of token ids."""
+    tokenizer = get_tokenizer()
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise APIError(400, "prompt: empty list", "prompt")
+    out = []
+    for i, item in enumerate(items):
+        tokens = encode(item) if isinstance(item, str) else list(item)
+        if not tokens:
+            raise APIError(400, f"prompt{'' if len(items) == 1 else f'[{i}]'}: empty", "prompt")
+        if any(not 0 <= t < vocab for t in tokens):
+            raise APIError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
+        out.append((tokens, item if isinstance(item, str) else tokenizer.decode(tokens)))
+    return out
+
+
+def _fits(tokens: list[int], max_tokens: int, context: int, field: str = "max_tokens") -> None:
+    if len(tokens) > context - (1 if max_tokens else 0):
+        raise APIError(400, f"prompt: {len(tokens)} tokens, more than the model's context of {context} allows", "prompt")
+    if len(tokens) + max_tokens > context:
+        raise APIError(400, f"{field}: the prompt's {len(tokens)} tokens + {field}={max_tokens} exceed the model's "
+                            f"context of {context}; at most {context - len(tokens)}", field)
+
+
+def _chat_prompt(body: ChatRequest, instruct: bool) -> list[int]:
+    """The last user message: as an instruct run's Alpaca prompt, or as text to continue."""
+    from finetune.recipes.instruct import Record, format_prompt
+
+    user = next((m for m in reversed(body.messages) if m.role == "user"), None)
+    if user is None or not user.text().strip():
+        raise APIError(400, "messages: no user message with text", "messages")
+    if instruct:
+        return get_tokenizer().encode_ordinary(format_prompt(Record(user.text(), "", "")))
+    return encode(user.text())
+
+
+# -- running requests and shaping replies ----------------------------------------------------------
+
+
+class _Run:
+    """The engine requests of one HTTP request (one per prompt), their events on one queue."""
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], max_tokens: int, body, logprobs, score_prompt) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.prompt_tokens = sum(map(len, prompts))
+        self.completion_tokens = 0
+        self.requests = []
+        for i, prompt in enumerate(prompts):
+            emit = (lambda i: lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (i, event)))(i)
+            seed = None if body.seed is None else body.seed + i
+            self.requests.append(Generation(prompt, max_tokens, emit, body.temperature, body.top_p, seed, logprobs, score_prompt))
+        for request in self.requests:
+            engine.submit(request)
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """Every event until each request is done; stops the rest when the consumer goes away."""
+        open_ = set(range(len(self.requests)))
+        try:
+            while open_:
+                i, event = await self.queue.get()
+                if event.kind == "token":
+                    self.completion_tokens += 1
+                if event.kind == "error":
+                    raise APIError(500, f"generation failed: {event.message}")
+                if event.kind == "done":
+                    open_.discard(i)
+                yield i, event
+        finally:
+            for request in self.requests:
+                request.cancel()
+
+    async def collect(self, choices) -> None:
+        async for i, event in self.events():
+            if choices[i].add(event):
+                self.requests[i].cancel()  # a stop string: no more tokens wanted
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class _Text:
+    """Generated tokens to text: whole UTF-8 characters only, cut before the first stop string, and
+    streamed holding back what could still become a stop string."""
+
+    def __init__(self, stops: list[str] | None) -> None:
+        self.stops = stops or []
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, token: int) -> None:
+        if self.stopped or token == EOT_ID:
+            return
+        self.text += self.decoder.decode(get_tokenizer().decode_single_token_bytes(token))
+        self._cut()
+
+    def finish(self) -> None:
+        if not self.stopped:
+            self.text += self.decoder.decode(b"", final=True)
+            self._cut()
+
+    def _cut(self) -> None:
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+
+    def release(self, final: bool = False) -> str:
+        """Text not yet sent that no stop string can still claim."""
+        hold = 0 if final or self.stopped else max((len(s) - 1 for s in self.stops), default=0)
+        end = max(self.sent, len(self.text) - hold)
+        piece, self.sent = self.text[self.sent:end], end
+        return piece
+
+
+class _Completion:
+    """One choice of a completion: text, finish reason and (when asked) OpenAI's completion logprobs."""
+
+    def __init__(self, index: int, prompt_text: str, echo: bool, stops, logprobs: int | None) -> None:
+        self.index, self.logprobs = index, logprobs
+        self.echo_text = prompt_text if echo else ""
+        self.offset = 0 if echo else len(prompt_text)  # text_offset of the next token reported
+        self.text = _Text(stops)
+        self.scores = []  # TokenScores of the echoed prompt, then of the generated tokens
+        self.reported = 0  # scores already sent (streaming)
+        self.finish_reason = None
+
+    def add(self, event: Event) -> bool:
+        """Take an event; True when a stop string has just ended the text."""
+        if event.kind == "prompt":
+            self.scores += event.scores
+        elif event.kind == "token":
+            token = event.scores[0]
+            if not self.text.stopped and token.token != EOT_ID:
+                self.scores.append(token)
+            self.text.add(token.token)
+        elif event.kind == "done":
+            self.text.finish()
+            self.finish_reason = "stop" if self.text.stopped else event.finish_reason
+        return self.text.stopped and self.finish_reason is None
+
+    def final(self) -> dict:
+        return {"text": self.echo_text + self.text.text, "index": self.index,
+                "logprobs": self._logprobs(self.scores), "finish_reason": self.finish_reason}
+
+    def chunks(self) -> list[dict]:
+        """The streamed chunk for what arrived since the last one, if anything did."""
+        text = self.echo_text + self.text.release(final=self.finish_reason is not None)
+        self.echo_text = ""
+        new, self.reported = self.scores[self.reported:], len(self.scores)
+        if not text and not new and self.finish_reason is None:
+            return []
+        return [{"text": text, "index": self.index, "logprobs": self._logprobs(new), "finish_reason": self.finish_reason}]
+
+    def _logprobs(self, scores) -> dict | None:
+        if self.logprobs is None:
+            return None
+        tokens, starts = [_piece(s.token) for s in scores], []
+        for piece in tokens:
+            starts.append(self.offset)
+            self.offset += len(piece)
+        return {"tokens": tokens, "token_logprobs": [s.logprob for s in scores],
+                "top_logprobs": [None if s.top is None else {_piece(t): lp for t, lp in s.top} for s in scores],
+                "text_offset": starts}
+
+
+class _ChatChoice:
+    """The one choice of a chat completion. An instruct run's reply is stripped, as `finetune respond` does."""
+
+    def __init__(self, stops, strip: bool) -> None:
+        self.text, self.strip = _Text(stops), strip
+        self.finish_reason = None
+        self.started = False  # streamed: the reply begins at its first non-blank text
+
+    def add(self, event: Event) -> bool:
+        if event.kind == "token":
+            self.text.add(event.scores[0].token)
+        elif event.kind == "done":
+            self.text.finish()
+            self.finish_reason = "stop" if self.text.stopped else event.finish_reason
+        return self.text.stopped and self.finish_reason is None
+
+    def final(self) -> dict:
+        content = self.text.text.strip() if self.strip else self.text.text
+        return {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": self.finish_reason}
+
+    def first_chunk(self) -> dict:
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+
+    def chunks(self) -> list[dict]:
+        text = self.text.release(final=self.finish_reason is not None)
+        if self.strip and not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        out = [{"index": 0, "delta": {"content": text}, "finish_reason": None}] if text else []
+        if self.finish_reason is not None:
+            out.append({"index": 0, "delta": {}, "finish_reason": self.finish_reason})
+        return out
+
+
+def _piece(token: int) -> str:
+    return get_tokenizer().decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+
+def _sse(run: _Run, choices: list, reply: dict, usage: bool | None) -> StreamingResponse:
+    """Server-sent events in OpenAI's streaming shape, ending with `data: [DONE]`."""
+
+    def line(payload: dict) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    async def stream() -> AsyncIterator[str]:
+        if hasattr(choices[0], "first_chunk"):  # chat: the role arrives first, as OpenAI sends it
+            yield line({**reply, "choices": [choices[0].first_chunk()]})
+        try:
+            async for i, event in run.events():
+                if choices[i].add(event):
+                    run.requests[i].cancel()
+                for piece in choices[i].chunks():
+                    yield line({**reply, "choices": [piece]})
+        except APIError as e:
+            yield line(e.body())
+            return
+        if usage:
+            yield line({**reply, "choices": [], "usage": run.usage()})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+class _BodyLimit:
+    """Refuse request bodies over `limit` bytes with 413, whether announced or streamed."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(APIError(413, f"request body over {self.limit} bytes").body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16: bool, max_batch: int) -> None:
+    """Load the model and serve it until interrupted."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as probe:  # a clear error for a busy port, before the model loads
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
+    served = load_served(name, init, bf16)
+    app = create_app(served, api_key, max_batch)
+    kind = "classifier" if served.classifier else "language model"
+    print(f"finetune: serving {served.name} ({kind}) at http://{host}:{port}/ (OpenAI API under /v1); Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
