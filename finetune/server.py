@@ -8,15 +8,12 @@ JSON error shape with a 4xx status naming the field, and the server keeps servin
 
 from __future__ import annotations
 
-import asyncio
-import codecs
 import json
 import secrets
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -24,16 +21,16 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finetune.classifier import GPTClassifier
-from finetune.engine import Engine, Event
-from finetune.engine import Request as Generation
+from finetune.engine import Engine
 from finetune.errors import UserError
 from finetune.openai_api import APIError, ChatRequest, ClassifyRequest, CompletionRequest
-from finetune.tokenizer import EOT_ID, encode, get_tokenizer
+from finetune.replies import ChatChoice, Completion, Run, stream_reply
+from finetune.tokenizer import encode, get_tokenizer
 
 MAX_BODY = 1 << 20  # bytes; a request body beyond it is refused with 413
 MAX_TEXTS = 256  # texts per classification request
@@ -71,7 +68,8 @@ def load_served(name: str, init: str = "pretrained", bf16: bool = False) -> Serv
     return Served(model.eval(), meta, path.name if path.exists() else name, instruct)
 
 
-def create_app(served: Served, api_key: str | None = None, max_batch: int = 8) -> FastAPI:
+def create_app(served: Served, api_key: str | None = None, max_batch: int = 8):
+    """The ASGI application: FastAPI's routes inside a request-body size limit."""
     engine = None if served.classifier else Engine(served.model, max_batch)
 
     @asynccontextmanager
@@ -137,18 +135,18 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 8) -
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest):
         language_model_only()
-        prompts = [(p, text) for p, text in _prompts(body.prompt, served.model.config.vocab_size)]
+        prompts = _prompts(body.prompt, served.model.config.vocab_size)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens: must be >= 1 (0 only with echo=true, to score the prompt)", "max_tokens")
         for tokens, _ in prompts:
             _fits(tokens, max_tokens, context)
-        run = _Run(engine, [tokens for tokens, _ in prompts], max_tokens, body, body.logprobs, body.echo and body.logprobs is not None)
-        choices = [_Completion(i, text, body.echo, body.stop, body.logprobs) for i, (_, text) in enumerate(prompts)]
+        run = Run(engine, [tokens for tokens, _ in prompts], max_tokens, body, body.logprobs, body.echo and body.logprobs is not None)
+        choices = [Completion(i, text, body.echo, body.stop, body.logprobs) for i, (_, text) in enumerate(prompts)]
         reply = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                  "model": served.name}
         if body.stream:
-            return _sse(run, choices, reply, body.stream_options and body.stream_options.include_usage)
+            return stream_reply(run, choices, reply, body.stream_options and body.stream_options.include_usage)
         await run.collect(choices)
         return {**reply, "choices": [c.final() for c in choices], "usage": run.usage()}
 
@@ -159,12 +157,12 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 8) -
         limit = body.max_completion_tokens or body.max_tokens
         max_tokens = limit if limit is not None else context - len(tokens)
         _fits(tokens, max_tokens, context, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-        run = _Run(engine, [tokens], max_tokens, body, None, False)
-        choice = _ChatChoice(body.stop, strip=served.instruct)
+        run = Run(engine, [tokens], max_tokens, body, None, False)
+        choice = ChatChoice(body.stop, strip=served.instruct)
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                  "model": served.name}
         if body.stream:
-            return _sse(run, [choice], {**reply, "object": "chat.completion.chunk"},
+            return stream_reply(run, [choice], {**reply, "object": "chat.completion.chunk"},
                         body.stream_options and body.stream_options.include_usage)
         await run.collect([choice])
         return {**reply, "choices": [choice.final()], "usage": run.usage()}
@@ -182,13 +180,14 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 8) -
             if not text.strip():
                 raise APIError(400, f"input[{i}]: empty text", "input")
 
-        def run() -> list[list[float]]:
-            with classify_lock:
-                return predict(served.model, served.meta, texts).tolist()
+        def run():
+            with classify_lock:  # one batch at a time: predict() batches the texts of a request itself
+                return predict(served.model, served.meta, texts)
 
+        probs = await run_in_threadpool(run)
         labels = served.meta["labels"]
-        data = [{"index": i, "label": labels[max(range(len(p)), key=p.__getitem__)],
-                 "probabilities": dict(zip(labels, p))} for i, p in enumerate(await run_in_threadpool(run))]
+        data = [{"index": i, "label": labels[int(p.argmax())], "probabilities": dict(zip(labels, p.tolist()))}
+                for i, p in enumerate(probs)]
         return {"object": "list", "model": served.name, "data": data}
 
     def language_model_only() -> None:
@@ -241,199 +240,6 @@ def _chat_prompt(body: ChatRequest, instruct: bool) -> list[int]:
     if instruct:
         return get_tokenizer().encode_ordinary(format_prompt(Record(user.text(), "", "")))
     return encode(user.text())
-
-
-# -- running requests and shaping replies ----------------------------------------------------------
-
-
-class _Run:
-    """The engine requests of one HTTP request (one per prompt), their events on one queue."""
-
-    def __init__(self, engine: Engine, prompts: list[list[int]], max_tokens: int, body, logprobs, score_prompt) -> None:
-        loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.prompt_tokens = sum(map(len, prompts))
-        self.completion_tokens = 0
-        self.requests = []
-        for i, prompt in enumerate(prompts):
-            emit = (lambda i: lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (i, event)))(i)
-            seed = None if body.seed is None else body.seed + i
-            self.requests.append(Generation(prompt, max_tokens, emit, body.temperature, body.top_p, seed, logprobs, score_prompt))
-        for request in self.requests:
-            engine.submit(request)
-
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """Every event until each request is done; stops the rest when the consumer goes away."""
-        open_ = set(range(len(self.requests)))
-        try:
-            while open_:
-                i, event = await self.queue.get()
-                if event.kind == "token":
-                    self.completion_tokens += 1
-                if event.kind == "error":
-                    raise APIError(500, f"generation failed: {event.message}")
-                if event.kind == "done":
-                    open_.discard(i)
-                yield i, event
-        finally:
-            for request in self.requests:
-                request.cancel()
-
-    async def collect(self, choices) -> None:
-        async for i, event in self.events():
-            if choices[i].add(event):
-                self.requests[i].cancel()  # a stop string: no more tokens wanted
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-class _Text:
-    """Generated tokens to text: whole UTF-8 characters only, cut before the first stop string, and
-    streamed holding back what could still become a stop string."""
-
-    def __init__(self, stops: list[str] | None) -> None:
-        self.stops = stops or []
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def add(self, token: int) -> None:
-        if self.stopped or token == EOT_ID:
-            return
-        self.text += self.decoder.decode(get_tokenizer().decode_single_token_bytes(token))
-        self._cut()
-
-    def finish(self) -> None:
-        if not self.stopped:
-            self.text += self.decoder.decode(b"", final=True)
-            self._cut()
-
-    def _cut(self) -> None:
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-
-    def release(self, final: bool = False) -> str:
-        """Text not yet sent that no stop string can still claim."""
-        hold = 0 if final or self.stopped else max((len(s) - 1 for s in self.stops), default=0)
-        end = max(self.sent, len(self.text) - hold)
-        piece, self.sent = self.text[self.sent:end], end
-        return piece
-
-
-class _Completion:
-    """One choice of a completion: text, finish reason and (when asked) OpenAI's completion logprobs."""
-
-    def __init__(self, index: int, prompt_text: str, echo: bool, stops, logprobs: int | None) -> None:
-        self.index, self.logprobs = index, logprobs
-        self.echo_text = prompt_text if echo else ""
-        self.offset = 0 if echo else len(prompt_text)  # text_offset of the next token reported
-        self.text = _Text(stops)
-        self.scores = []  # TokenScores of the echoed prompt, then of the generated tokens
-        self.reported = 0  # scores already sent (streaming)
-        self.finish_reason = None
-
-    def add(self, event: Event) -> bool:
-        """Take an event; True when a stop string has just ended the text."""
-        if event.kind == "prompt":
-            self.scores += event.scores
-        elif event.kind == "token":
-            token = event.scores[0]
-            if not self.text.stopped and token.token != EOT_ID:
-                self.scores.append(token)
-            self.text.add(token.token)
-        elif event.kind == "done":
-            self.text.finish()
-            self.finish_reason = "stop" if self.text.stopped else event.finish_reason
-        return self.text.stopped and self.finish_reason is None
-
-    def final(self) -> dict:
-        return {"text": self.echo_text + self.text.text, "index": self.index,
-                "logprobs": self._logprobs(self.scores), "finish_reason": self.finish_reason}
-
-    def chunks(self) -> list[dict]:
-        """The streamed chunk for what arrived since the last one, if anything did."""
-        text = self.echo_text + self.text.release(final=self.finish_reason is not None)
-        self.echo_text = ""
-        new, self.reported = self.scores[self.reported:], len(self.scores)
-        if not text and not new and self.finish_reason is None:
-            return []
-        return [{"text": text, "index": self.index, "logprobs": self._logprobs(new), "finish_reason": self.finish_reason}]
-
-    def _logprobs(self, scores) -> dict | None:
-        if self.logprobs is None:
-            return None
-        tokens, starts = [_piece(s.token) for s in scores], []
-        for piece in tokens:
-            starts.append(self.offset)
-            self.offset += len(piece)
-        return {"tokens": tokens, "token_logprobs": [s.logprob for s in scores],
-                "top_logprobs": [None if s.top is None else {_piece(t): lp for t, lp in s.top} for s in scores],
-                "text_offset": starts}
-
-
-class _ChatChoice:
-    """The one choice of a chat completion. An instruct run's reply is stripped, as `finetune respond` does."""
-
-    def __init__(self, stops, strip: bool) -> None:
-        self.text, self.strip = _Text(stops), strip
-        self.finish_reason = None
-        self.started = False  # streamed: the reply begins at its first non-blank text
-
-    def add(self, event: Event) -> bool:
-        if event.kind == "token":
-            self.text.add(event.scores[0].token)
-        elif event.kind == "done":
-            self.text.finish()
-            self.finish_reason = "stop" if self.text.stopped else event.finish_reason
-        return self.text.stopped and self.finish_reason is None
-
-    def final(self) -> dict:
-        content = self.text.text.strip() if self.strip else self.text.text
-        return {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": self.finish_reason}
-
-    def first_chunk(self) -> dict:
-        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-
-    def chunks(self) -> list[dict]:
-        text = self.text.release(final=self.finish_reason is not None)
-        if self.strip and not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        out = [{"index": 0, "delta": {"content": text}, "finish_reason": None}] if text else []
-        if self.finish_reason is not None:
-            out.append({"index": 0, "delta": {}, "finish_reason": self.finish_reason})
-        return out
-
-
-def _piece(token: int) -> str:
-    return get_tokenizer().decode_single_token_bytes(token).decode("utf-8", errors="replace")
-
-
-def _sse(run: _Run, choices: list, reply: dict, usage: bool | None) -> StreamingResponse:
-    """Server-sent events in OpenAI's streaming shape, ending with `data: [DONE]`."""
-
-    def line(payload: dict) -> str:
-        return f"data: {json.dumps(payload)}\n\n"
-
-    async def stream() -> AsyncIterator[str]:
-        if hasattr(choices[0], "first_chunk"):  # chat: the role arrives first, as OpenAI sends it
-            yield line({**reply, "choices": [choices[0].first_chunk()]})
-        try:
-            async for i, event in run.events():
-                if choices[i].add(event):
-                    run.requests[i].cancel()
-                for piece in choices[i].chunks():
-                    yield line({**reply, "choices": [piece]})
-        except APIError as e:
-            yield line(e.body())
-            return
-        if usage:
-            yield line({**reply, "choices": [], "usage": run.usage()})
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(stream(), media_type="text/event-stream")
 
 
 class _BodyLimit:

@@ -263,8 +263,6 @@ def peft_adapter(directory, base, task, seed=0, **lora):
 
 
 def test_peft_language_model_adapter_loads_into_our_lora_layers(base, tmp_path, capsys):
-    from transformers import GenerationConfig  # noqa: F401  (transformers present: the oracle)
-
     from finetune.lora import lora_layers
 
     reference = peft_adapter(tmp_path / "adapter", base, "CAUSAL_LM", target_modules=["c_attn", "c_proj", "c_fc"])
