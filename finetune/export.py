@@ -137,6 +137,9 @@ def _peft_files(model: torch.nn.Module, meta: dict, run_dir: Path | None, out: P
     prefix, trunk = ("gpt.", model.gpt) if classifier else ("", model)
     lora = {name.removeprefix(prefix): (m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu())
             for name, m in model.named_modules() if isinstance(m, LoRALinear) and name != "head"}
+    if not lora:
+        raise UserError("only the classification head has LoRA layers, which PEFT saves whole (modules_to_save); "
+                        "export it with --format transformers")
     modules = _modules_saved_whole(model, prefix)
     saved = {f"{m}.{p}": t.detach().float().cpu() for m in modules for p, t in trunk.get_submodule(m).named_parameters()}
     to_save = [hf_module(m) for m in modules]

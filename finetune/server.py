@@ -44,6 +44,7 @@ class Served:
     meta: dict
     name: str
     instruct: bool  # chat turns become the Alpaca prompt of an instruct run
+    reply_tokens: int | None = None  # a chat reply's default length: an instruct run's generation.max_new_tokens
 
     @property
     def classifier(self) -> bool:
@@ -54,7 +55,9 @@ def load_served(name: str, init: str = "pretrained", bf16: bool = False) -> Serv
     """What `finetune serve MODEL` serves: anything `finetune generate` or `finetune classify` takes."""
     import torch
 
+    from finetune.config import load_config
     from finetune.recipes import run_recipe
+    from finetune.recipes.instruct import InstructConfig
     from finetune.weights import build_model, load_with_meta
 
     if init == "pretrained":
@@ -64,8 +67,9 @@ def load_served(name: str, init: str = "pretrained", bf16: bool = False) -> Serv
         meta = model.checkpoint_meta()
     path = Path(name)
     instruct = (path / "config.yaml").is_file() and run_recipe(path).name == "instruct"
+    reply_tokens = load_config(InstructConfig, path / "config.yaml").generation.max_new_tokens if instruct else None
     model = model.to(torch.bfloat16) if bf16 else model
-    return Served(model.eval(), meta, path.name if path.exists() else name, instruct)
+    return Served(model.eval(), meta, path.name if path.exists() else name, instruct, reply_tokens)
 
 
 def create_app(served: Served, api_key: str | None = None, max_batch: int = 8):
@@ -155,7 +159,7 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 8):
         language_model_only()
         tokens = _chat_prompt(body, served.instruct)
         limit = body.max_completion_tokens or body.max_tokens
-        max_tokens = limit if limit is not None else context - len(tokens)
+        max_tokens = limit if limit is not None else min(served.reply_tokens or context, context - len(tokens))
         _fits(tokens, max_tokens, context, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         run = Run(engine, [tokens], max_tokens, body, None, False)
         choice = ChatChoice(body.stop, strip=served.instruct)

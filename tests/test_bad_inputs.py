@@ -88,6 +88,11 @@ def files(tmp_path_factory):
     _peft_files(root)
     classifier = GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny")), 2, pool="last_position")
     write_directory(root / "last_position_ckpt", model_files(classifier, {"labels": ["a", "b"], "max_length": 8}))
+    from finetune.lora import apply_lora
+
+    head_only = apply_lora(GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny")), 2), 4, 8, ["head"])
+    write_directory(root / "head_lora_ckpt", model_files(head_only, {
+        "labels": ["a", "b"], "max_length": 8, "base": {"name": str(root / "lm_ckpt"), "init": "pretrained", "seed": 0}}))
     (root / "norun").mkdir()
     (root / "norun" / "config.yaml").write_text("recipe: spam\n")
     return root
@@ -235,6 +240,8 @@ CASES = [
     ("export-peft-without-lora", lambda o, d, f: ["export", str(o), str(f / "out"), "--format", "peft"], "has no LoRA adapter"),
     ("export-last-position", lambda o, d, f: ["export", str(f / "last_position_ckpt"), str(f / "out")],
      "model.pool=last_position reads padding positions"),
+    ("export-peft-head-only-lora", lambda o, d, f: ["export", str(f / "head_lora_ckpt"), str(f / "out"), "--format", "peft"],
+     "only the classification head has LoRA layers"),
     ("peft-no-config", lambda o, d, f: ["generate", "--model", str(f / "peft_noconfig"), "--prompt", "hi"],
      "peft_noconfig: not a checkpoint (no adapter_config.json)"),
     ("peft-malformed-config", lambda o, d, f: ["generate", "--model", str(f / "peft_malformed"), "--prompt", "hi"],

@@ -413,3 +413,26 @@ def test_page_shows_class_probabilities_in_a_real_browser(browser, classifier):
     assert shown == pytest.approx(expected, abs=1e-6)
     widths = [row.find_element(By.CSS_SELECTOR, ".bar").value_of_css_property("width") for row in rows]
     assert len(set(widths)) > 1 or len(rows) == 1  # bars drawn to their probabilities
+
+
+def test_chat_with_an_instruct_run_is_what_finetune_respond_answers():
+    """The last user message becomes the Alpaca prompt; the reply is `respond`'s, stripped, as long as
+    the run's generation.max_new_tokens by default."""
+    from finetune.config import load_config
+    from finetune.recipes.instruct import InstructConfig, Record, respond
+
+    model = tiny_lm(seed=4)
+    running = Running(create_app(Served(model, model.checkpoint_meta(), "instruct", instruct=True, reply_tokens=24)))
+    try:
+        config = load_config(InstructConfig, None, ["generation.max_new_tokens=24"])
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                    {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Rewrite: the cake was ate."}]
+        reply = client(running.url).chat.completions.create(model="instruct", messages=messages, temperature=0)
+        expected = respond(model, [Record("Rewrite: the cake was ate.", "", "")], config)[0]
+        assert reply.choices[0].message.content == expected
+        assert reply.usage.completion_tokens <= 24
+        streamed = "".join(c.choices[0].delta.content or "" for c in client(running.url).chat.completions.create(
+            model="instruct", messages=messages, temperature=0, stream=True))
+        assert streamed.strip() == expected and not streamed.startswith((" ", "\n"))
+    finally:
+        running.close()
