@@ -129,7 +129,7 @@ class Engine:
                         row.request.emit(Event("error", message=f"{type(e).__name__}: {e}"))
                     for request in admitted:
                         request.emit(Event("error", message=f"{type(e).__name__}: {e}"))
-                    self._rows = []
+                    self._rows, self._write = [], 0
 
     def _drop_cancelled(self) -> None:
         for row in [r for r in self._rows if r.request.cancelled]:

@@ -247,7 +247,8 @@ def _chat_prompt(body: ChatRequest, instruct: bool) -> list[int]:
 
 
 class _BodyLimit:
-    """Refuse request bodies over `limit` bytes with 413, whether announced or streamed."""
+    """Refuse request bodies over `limit` bytes with 413, whether announced (Content-Length) or sent in
+    chunks: the body is read here, up to the limit, and handed to the app in one piece."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -258,30 +259,31 @@ class _BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send)
-        received = 0
-
-        async def limited():
-            nonlocal received
+        body, more = b"", True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(send)
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the client leaving, which a stream listens for
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
         body = json.dumps(APIError(413, f"request body over {self.limit} bytes").body()).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16: bool, max_batch: int) -> None:

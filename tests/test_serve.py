@@ -225,6 +225,37 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(lm, case, path, b
     assert code == 200 and reply["choices"][0]["text"] == get_tokenizer().decode(greedy(model, "The", 3))
 
 
+def test_an_oversized_body_sent_in_chunks_is_refused(lm):
+    import http.client
+
+    running, model = lm
+    connection = http.client.HTTPConnection(*running.url.removeprefix("http://").split(":"))
+    parts = [b'{"prompt": "', *[b"x" * 65536] * 40, b'"}']  # 2.5 MiB, no Content-Length
+    connection.request("POST", "/v1/completions", body=iter(parts), encode_chunked=True,
+                       headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    reply = connection.getresponse()
+    assert reply.status == 413 and "request body over" in json.loads(reply.read())["error"]["message"]
+    code, reply = post(running.url, "/v1/completions", {"prompt": "The", "max_tokens": 3, "temperature": 0})
+    assert code == 200 and reply["choices"][0]["text"] == get_tokenizer().decode(greedy(model, "The", 3))
+
+
+def test_a_failure_inside_the_engine_ends_that_request_not_the_server():
+    model = tiny_lm(seed=6)
+    running = Running(create_app(Served(model, model.checkpoint_meta(), "tiny", instruct=False)))
+    try:
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        model.forward = broken
+        code, reply = post(running.url, "/v1/completions", {"prompt": "The", "max_tokens": 3})
+        assert code == 500 and reply["error"]["type"] == "server_error" and "boom" in reply["error"]["message"]
+        del model.forward
+        code, reply = post(running.url, "/v1/completions", {"prompt": "The", "max_tokens": 3, "temperature": 0})
+        assert code == 200 and reply["choices"][0]["text"] == get_tokenizer().decode(greedy(model, "The", 3))
+    finally:
+        running.close()
+
+
 def test_wrong_api_key_and_openai_errors(lm):
     import openai
 
@@ -436,3 +467,17 @@ def test_chat_with_an_instruct_run_is_what_finetune_respond_answers():
         assert streamed.strip() == expected and not streamed.startswith((" ", "\n"))
     finally:
         running.close()
+
+
+def test_readme_client_snippet_runs(lm, capsys):
+    """The README's "Try your model" Python block, run as written against a server (its address swapped in)."""
+    import re
+    from pathlib import Path
+
+    running, _ = lm
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Try your model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    exec(blocks[0].replace("http://127.0.0.1:8000", running.url).replace('api_key="unused"', f'api_key="{KEY}"'), {})
+    assert capsys.readouterr().out.strip()
