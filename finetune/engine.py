@@ -179,18 +179,20 @@ class Engine:
         p = len(row.request.prompt)
         if self._write < p:  # move everyone right to make room for a longer prompt
             self._ensure(p)
-            shift = p - self._write
-            for name in ("_k", "_v"):
-                buffer = getattr(self, name)
-                buffer[:, :, :, shift:p] = buffer[:, :, :, :self._write].clone()
-            for other in self._rows:
-                other.start += shift
-            self._write = p
+            self._shift(p - self._write)
         self._ensure(self._write)
         row.start = self._write - p
         self._k[:, row.slot, :, row.start:self._write] = cache.k[:, i, :, T - p:T]
         self._v[:, row.slot, :, row.start:self._write] = cache.v[:, i, :, T - p:T]
         self._rows.append(row)
+
+    def _shift(self, by: int) -> None:
+        """Move every slot's filled positions `by` places (right if positive; the capacity must allow it)."""
+        for buffer in (self._k, self._v):
+            buffer[:, :, :, max(by, 0):self._write + by] = buffer[:, :, :, max(-by, 0):self._write].clone()
+        for row in self._rows:
+            row.start += by
+        self._write += by
 
     def _ensure(self, length: int) -> None:
         """Room for `length` positions in every slot: the cache grows in steps of 128, up to the context."""
@@ -211,13 +213,7 @@ class Engine:
 
     def _step(self) -> None:
         if self._write == self.model.config.context_length:  # the shared buffer is full: drop the unused left part
-            shift = min(row.start for row in self._rows)
-            for name in ("_k", "_v"):
-                buffer = getattr(self, name)
-                buffer[:, :, :, :self._write - shift] = buffer[:, :, :, shift:self._write].clone()
-            for row in self._rows:
-                row.start -= shift
-            self._write -= shift
+            self._shift(-min(row.start for row in self._rows))
         self._ensure(self._write + 1)
         n = max(row.slot for row in self._rows) + 1
         W = self._write

@@ -28,7 +28,7 @@ from finetune.model_card import model_card
 from finetune.peft_format import HEAD, PeftAdapter, adapter_files, is_peft_adapter, read_adapter
 from finetune.runs import resolve, run_of
 from finetune.serialization import FORMAT, model_state, read_config
-from finetune.weights import HUB_IDS, SEQUENCE_CLASSIFIER, build_model, is_hub_id, load_with_meta
+from finetune.weights import SEQUENCE_CLASSIFIER, hub_id, load_with_meta, rebuild_base
 
 FORMATS = ("transformers", "peft")
 Files = dict[str, Callable[[Path], None]]
@@ -184,15 +184,12 @@ def _peft_base(meta: dict, out: Path) -> tuple[str, Files]:
         while Path(name).expanduser().is_dir() and is_peft_adapter(Path(name).expanduser()):
             name = read_adapter(Path(name).expanduser()).base  # the run went on training that adapter
         path = Path(name).expanduser()
-        if name in HUB_IDS:
-            return HUB_IDS[name], {}
+        if hub_id(name):
+            return hub_id(name), {}
         if path.is_dir() and (path / "config.json").is_file() and read_config(path).get("format") != FORMAT:
             read_hf_config(read_config(path), path / "config.json")  # a transformers GPT-2 directory
             return str(path.resolve()), {}
-        if not path.exists() and is_hub_id(name):
-            return name, {}
-    torch.manual_seed(base["seed"])  # a random-init base is re-made exactly as the run made it
-    gpt = build_model(name, base["init"])
+    gpt = rebuild_base({**base, "name": name})
     gpt = merged_model(gpt.gpt if isinstance(gpt, GPTClassifier) else gpt)
     state, config = to_hf(_trunk_state(gpt)), hf_config(gpt.config, "GPT2LMHeadModel")
     return str((out / "base").resolve()), {
@@ -204,9 +201,7 @@ def _peft_base(meta: dict, out: Path) -> tuple[str, Files]:
 
 def _hub_base(meta: dict) -> str | None:
     base = meta.get("base") or {}
-    if base.get("init") != "pretrained":
-        return None
-    return HUB_IDS.get(base["name"], base["name"] if is_hub_id(base["name"]) else None)
+    return hub_id(base["name"]) if base.get("init") == "pretrained" else None
 
 
 def _notes(model: torch.nn.Module, meta: dict) -> list[str]:

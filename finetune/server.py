@@ -55,9 +55,7 @@ def load_served(name: str, init: str = "pretrained", bf16: bool = False) -> Serv
     """What `finetune serve MODEL` serves: anything `finetune generate` or `finetune classify` takes."""
     import torch
 
-    from finetune.config import load_config
-    from finetune.recipes import run_recipe
-    from finetune.recipes.instruct import InstructConfig
+    from finetune.recipes.instruct import instruct_run_config
     from finetune.weights import build_model, load_with_meta
 
     if init == "pretrained":
@@ -66,10 +64,10 @@ def load_served(name: str, init: str = "pretrained", bf16: bool = False) -> Serv
         model = build_model(name, init)
         meta = model.checkpoint_meta()
     path = Path(name)
-    instruct = (path / "config.yaml").is_file() and run_recipe(path).name == "instruct"
-    reply_tokens = load_config(InstructConfig, path / "config.yaml").generation.max_new_tokens if instruct else None
+    config = instruct_run_config(path)
+    reply_tokens = config.generation.max_new_tokens if config else None
     model = model.to(torch.bfloat16) if bf16 else model
-    return Served(model.eval(), meta, path.name if path.exists() else name, instruct, reply_tokens)
+    return Served(model.eval(), meta, path.name if path.exists() else name, config is not None, reply_tokens)
 
 
 def create_app(served: Served, api_key: str | None = None, max_batch: int = 8):

@@ -211,6 +211,13 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_REPO.fullmatch(name))
 
 
+def hub_id(name: str) -> str | None:
+    """The hub repository a model name stands for (a preset's, or `owner/name` that is no local path)."""
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    return name if is_hub_id(name) and not Path(name).expanduser().exists() else None
+
+
 def _download(name: str) -> Path:
     if name in PRESETS and name not in HUB_IDS:
         raise UserError(f"'{name}' has no pretrained weights; use a random init (model.init=random, or --init random)")
@@ -366,6 +373,12 @@ def _builder(meta: dict, where: Path) -> Callable:
     raise UserError(f"{where}: unknown task {task!r}")
 
 
+def rebuild_base(base: dict, dropout: float = 0.0) -> torch.nn.Module:
+    """The model a run started from (`base_spec`): by name, or a random init re-made from the run's seed."""
+    torch.manual_seed(base["seed"])
+    return build_model(base["name"], base["init"], dropout)
+
+
 def _load_adapter_model(directory: Path, dropout: float) -> tuple[torch.nn.Module, dict]:
     """Base model (by name, or re-made from its seed when it was a random init) + the trained tensors
     (LoRA layers and whatever trained beside them, or the trained layers of a partial fine-tune)."""
@@ -374,8 +387,7 @@ def _load_adapter_model(directory: Path, dropout: float) -> tuple[torch.nn.Modul
     try:
         base, adapter = meta["base"], meta["adapter"]
         expected = _gpt_config(meta, where)
-        torch.manual_seed(base["seed"])  # a random-init base is re-made exactly as the run made it
-        gpt = build_model(base["name"], base["init"], dropout)
+        gpt = rebuild_base(base, dropout)
     except KeyError as e:
         raise UserError(f"{where}: missing entry {e}") from e
     shape = (gpt.gpt if isinstance(gpt, GPTClassifier) else gpt).config

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from finetune.checkpoint import write_text_atomic
-from finetune.config import Float, ModelSection, RunConfig, SamplingSection, Section
+from finetune.config import Float, ModelSection, RunConfig, SamplingSection, Section, load_config
 from finetune.data import INSTRUCTIONS, bundled
 from finetune.errors import UserError
 from finetune.evals.generation import reference_metrics
@@ -73,6 +73,15 @@ class InstructConfig(RunConfig):
 
 
 Config = InstructConfig
+
+
+def instruct_run_config(path: Path) -> InstructConfig | None:
+    """An instruct run directory's config; None for any other path (another recipe's run included)."""
+    from finetune.recipes import run_recipe  # the recipe registry imports this module
+
+    if not (Path(path) / "config.yaml").is_file() or run_recipe(Path(path)).name != "instruct":
+        return None
+    return load_config(InstructConfig, Path(path) / "config.yaml")
 
 
 # -- data ---------------------------------------------------------------------------------------

@@ -37,16 +37,16 @@ def instruct_model(target: str, bf16: bool):
     from pathlib import Path
 
     from finetune.config import load_config
-    from finetune.recipes import run_recipe
-    from finetune.recipes.instruct import InstructConfig
+    from finetune.recipes.instruct import InstructConfig, instruct_run_config
     from finetune.runs import kept_checkpoint
     from finetune.weights import load_model, load_pretrained
 
     run_dir = Path(target)
-    if (run_dir / "config.yaml").is_file():
-        if run_recipe(run_dir).name != "instruct":
-            raise UserError(f"{run_dir}: not an instruct run")
-        config, model = load_config(InstructConfig, run_dir / "config.yaml"), load_model(kept_checkpoint(run_dir))[0]
+    config = instruct_run_config(run_dir)
+    if config is not None:
+        model = load_model(kept_checkpoint(run_dir))[0]
+    elif (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not an instruct run")
     else:
         config, model = load_config(InstructConfig, None), load_pretrained(target)
         if not hasattr(model, "lm_head"):
