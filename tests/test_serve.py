@@ -485,3 +485,47 @@ def test_readme_client_snippet_runs(lm, capsys):
     assert len(blocks) == 1
     exec(blocks[0].replace("http://127.0.0.1:8000", running.url).replace('api_key="unused"', f'api_key="{KEY}"'), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_engine_moves_rows_for_a_longer_prompt_and_when_the_context_fills():
+    """A request with a longer prompt joins mid-decode (every row moves right), and the shared cache later
+    reaches the context (every row moves left): both answers stay what each computes alone."""
+    from finetune.engine import Engine, Request
+
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(n_embd=32, n_layer=2, n_head=4, context_length=32)).eval()
+    engine = Engine(model, max_batch=4)
+    done = {"a": threading.Event(), "b": threading.Event()}
+    tokens = {"a": [], "b": []}
+    logprobs = {"a": [], "b": []}
+    first = [3, 14, 15]
+    second = list(range(100, 112))  # 12 tokens: longer than the cache is filled when it arrives
+
+    def collect(name):
+        def emit(event):
+            if event.kind == "token":
+                tokens[name].append(event.scores[0].token)
+                logprobs[name].append(event.scores[0].logprob)
+                if name == "a" and len(tokens["a"]) == 2:
+                    engine.submit(Request(second, 20, collect("b"), logprobs=0))
+            elif event.kind in ("done", "error"):
+                done[name].set()
+        return emit
+
+    try:
+        engine.submit(Request(first, 29, collect("a"), logprobs=0))
+        assert done["a"].wait(30) and done["b"].wait(30)
+    finally:
+        engine.close()
+
+    def alone(prompt, n):
+        return generate(model, [prompt], n, eos_id=EOT_ID)[0][len(prompt):]
+
+    assert tokens["a"] == alone(first, 29) and tokens["b"] == alone(second, 20)
+    for name, prompt in (("a", first), ("b", second)):  # every step saw exactly its own keys and values
+        sequence = prompt + tokens[name]
+        with torch.no_grad():
+            expected = model(torch.tensor([sequence]))[0].log_softmax(-1)
+        positions = torch.arange(len(prompt) - 1, len(sequence) - 1)
+        want = expected[positions, torch.tensor(tokens[name])]
+        assert (torch.tensor(logprobs[name]) - want).abs().max() <= 1e-5, name
