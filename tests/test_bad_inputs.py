@@ -253,6 +253,12 @@ CASES = [
     ("peft-wrong-base", lambda o, d, f: ["generate", "--model", str(f / "peft_wrong_base"), "--prompt", "hi"],
      "has shape (4, 60), the base needs (4, 64); the adapter was trained on another base"),
     ("peft-target", lambda o, d, f: ["classify", str(f / "peft_target"), "--text", "hi"], "LoRA on 'transformer.wte'"),
+    ("eval-model-of-another-kind", lambda o, d, f: ["eval", str(o), "--model", str(f / "lm_ckpt")],
+     "a language model, which the spam run"),
+    ("respond-model-without-data", lambda o, d, f: ["respond", str(f / "lm_ckpt")], "has no test split; give --data FILE"),
+    ("chat-with-a-classifier", lambda o, d, f: ["chat", str(f / "last_position_ckpt")], "a classifier; responding needs a language model"),
+    ("generate-with-a-classifier", lambda o, d, f: ["generate", "--model", str(f / "last_position_ckpt"), "--prompt", "hi"],
+     "a classifier; generate needs a language model"),
     ("serve-missing-model", lambda o, d, f: ["serve", str(f / "none"), "--port", "0"], "no such file or directory"),
     ("serve-random-needs-preset", lambda o, d, f: ["serve", "./mine", "--init", "random", "--port", "0"], "needs a preset name"),
     # CLI
