@@ -38,7 +38,8 @@ def write_csv(path: Path, rows: int) -> None:
 
 def measure(path: str, how: str) -> None:
     """In its own process: read + check every row, then tokenize; prints one JSON object."""
-    from finetune.recipes.classification import ClassificationData, read_labelled, tokenize
+    from finetune.classification_inputs import tokenize
+    from finetune.recipes.classification import ClassificationData, read_labelled
     from finetune.tables import read_table
     from finetune.tokenizer import get_tokenizer
 

@@ -32,11 +32,12 @@ def start_server(preset: str, max_batch: int) -> tuple[str, object]:
     import uvicorn
 
     from finetune import GPT, GPTConfig
-    from finetune.server import Served, create_app
+    from finetune.inference import Loaded
+    from finetune.server import create_app
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(preset)).eval()
-    app = create_app(Served(model, model.checkpoint_meta(), preset, instruct=False), max_batch=max_batch)
+    app = create_app(Loaded.of(model, model.checkpoint_meta(), preset), max_batch=max_batch)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

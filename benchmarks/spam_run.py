@@ -28,7 +28,7 @@ BLOCK = 24 * D * D  # forward matmul FLOPs of one block per token (qkv 6d², pro
 
 def spam_config(output_dir: str, epochs: int, precision: str):
     from finetune.config import load_config
-    from finetune.recipes import config_path
+    from finetune.registry import config_path
     from finetune.recipes.spam import SpamConfig
 
     config_file = config_path("spam")
@@ -89,7 +89,7 @@ def run_flops(config, lengths: dict[str, list[int]], cached: bool) -> float:
 
 
 def run_ours(config) -> dict:
-    from finetune.recipes.base import train
+    from finetune.recipe import train
     from finetune.recipes.spam import RECIPE
 
     metrics = train(RECIPE, config, quiet=True)
@@ -101,7 +101,8 @@ def run_transformers(config) -> dict:
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from finetune.recipes.classification import Collate, encode_splits
+    from finetune.classification_inputs import Collate
+    from finetune.recipes.classification import encode_splits
     from finetune.recipes.spam import RECIPE
 
     torch.manual_seed(config.train.seed)

@@ -23,11 +23,12 @@ def run_score(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from finetune.checkpoint import write_text_atomic
     from finetune.evals.generation import read_responses, reference_metrics
     from finetune.evals.judge import JudgeClient, judge_all
+
+    from finetune.checkpoint import write_text_atomic
     from finetune.progress import progress
-    from finetune.recipes.instruct import Record, format_prompt
+    from finetune.prompts import format_prompt
 
     if bool(args.judge_url) != bool(args.judge_model):
         raise UserError("--judge-url and --judge-model go together")
@@ -38,7 +39,7 @@ def run_score(args: argparse.Namespace) -> None:
     per_example = [dict(r) for r in reference["per_example"]]
     if args.judge_url:
         client = JudgeClient(args.judge_url, args.judge_model, timeout=args.timeout, retries=args.retries)
-        items = [{"prompt": format_prompt(Record(r["instruction"], r.get("input", ""), r["output"])).rstrip(),
+        items = [{"prompt": format_prompt("alpaca", r["instruction"], r.get("input", "")).rstrip(),
                   "reference": r["output"], "response": r["response"]} for r in rows]
         judged, records = judge_all(client, items, lambda it: progress(it, "judging"))
         summary.update(judged)

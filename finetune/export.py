@@ -2,6 +2,8 @@
 
 - `transformers` (default): a directory `GPT2LMHeadModel` or `GPT2ForSequenceClassification` loads
   offline, with the tokenizer and a model card; adapters and partial fine-tunes are merged in.
+  A model trained with a prompt style carries it as the tokenizer's `chat_template`, and every
+  language model its generation defaults in generation_config.json (so does a PEFT export).
 - `peft`: a LoRA run's adapter as `PeftModel.from_pretrained` reads it, on its base named by hub id or
   path (or written beside it, under `base/`, when no hub holds it).
 
@@ -21,11 +23,25 @@ from safetensors.torch import save_file
 from finetune.checkpoint import write_directory
 from finetune.classifier import GPTClassifier
 from finetune.errors import UserError
-from finetune.hf_layout import hf_config, hf_module, read_hf_config, to_hf, tokenizer_files
+from finetune.hf_layout import (
+    hf_config,
+    hf_module,
+    read_hf_config,
+    to_hf,
+    tokenizer_files,
+)
+from finetune.interface import GENERATION_CONFIG, STYLE_KEY, generation_config
 from finetune.lora import LoRALinear, lora_layers, merged_model
 from finetune.model import GPT
 from finetune.model_card import model_card
-from finetune.peft_format import HEAD, PeftAdapter, adapter_files, is_peft_adapter, read_adapter
+from finetune.peft_format import (
+    HEAD,
+    PeftAdapter,
+    adapter_files,
+    is_peft_adapter,
+    read_adapter,
+)
+from finetune.prompts import chat_template
 from finetune.runs import resolve, run_of
 from finetune.serialization import FORMAT, model_state, read_config
 from finetune.weights import SEQUENCE_CLASSIFIER, hub_id, load_with_meta, rebuild_base
@@ -75,7 +91,7 @@ def _transformers_files(model: torch.nn.Module, meta: dict, run_dir: Path | None
     return {
         "model.safetensors": lambda path: save_file(state, str(path), metadata={"format": "pt"}),
         "config.json": _json(config),
-        "generation_config.json": _json({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}),
+        GENERATION_CONFIG: _json(generation_config(meta)),
         **_tokenizer(model, meta),
         "README.md": lambda path: path.write_text(card, encoding="utf-8"),
     }
@@ -85,7 +101,9 @@ def _tokenizer(model: torch.nn.Module, meta: dict) -> Files:
     """A classifier's tokenizer pads (transformers needs a pad token to batch) and truncates as it was trained."""
     if isinstance(model, GPTClassifier):
         return tokenizer_files(meta["max_length"], pad=True, truncation_side="left" if meta.get("keep") == "end" else "right")
-    return tokenizer_files(model.config.context_length, pad=False)
+    style = meta.get("prompt_style")
+    extra = {"chat_template": chat_template(style), STYLE_KEY: style} if style else {}
+    return tokenizer_files(model.config.context_length, pad=False, extra=extra)
 
 
 def folded_head(model: GPTClassifier) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +177,8 @@ def _peft_files(model: torch.nn.Module, meta: dict, run_dir: Path | None, out: P
     card = model_card(meta, run_dir, library="peft", base_model=base, pipeline_tag="text-classification"
                       if classifier else "text-generation", usage=usage.replace("BASE", base).replace("PATH", str(out)),
                       notes=_notes(model, meta))
-    return {**files, **adapter_files(adapter, to_save, trunk.config.n_layer), **_tokenizer(model, meta),
+    generation = {} if classifier else {GENERATION_CONFIG: _json(generation_config(meta))}
+    return {**files, **adapter_files(adapter, to_save, trunk.config.n_layer), **_tokenizer(model, meta), **generation,
             "README.md": lambda path: path.write_text(card, encoding="utf-8")}
 
 

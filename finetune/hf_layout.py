@@ -164,10 +164,12 @@ def hf_config(config: GPTConfig, architecture: str, **extra) -> dict:
     }
 
 
-def tokenizer_files(model_max_length: int, pad: bool, truncation_side: str = "right") -> dict[str, Callable[[Path], None]]:
+def tokenizer_files(model_max_length: int, pad: bool, truncation_side: str = "right",
+                    extra: dict | None = None) -> dict[str, Callable[[Path], None]]:
     """Writers of GPT-2's tokenizer as transformers reads it: the bundled BPE files are byte for byte
     its `vocab.json` and `merges.txt`; `<|endoftext|>` is the only special token (and the padding
-    token of a classifier, which transformers needs to batch)."""
+    token of a classifier, which transformers needs to batch). `extra`: more tokenizer_config.json
+    entries (a chat template)."""
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, **({"pad_token": EOT} if pad else {})}
     config = {
         "tokenizer_class": "GPT2Tokenizer",
@@ -179,6 +181,7 @@ def tokenizer_files(model_max_length: int, pad: bool, truncation_side: str = "ri
         "truncation_side": truncation_side,
         "clean_up_tokenization_spaces": False,
         **special,
+        **(extra or {}),
     }
     return {
         "vocab.json": lambda path: shutil.copyfile(ASSETS / "encoder.json", path),

@@ -38,3 +38,16 @@ class NextTokenTask:
         loss_sum, tokens = accelerator.reduce(total, reduction="sum").tolist()
         loss = loss_sum / max(tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
+
+
+def perplexity_table(metrics: dict, splits: tuple[str, ...] = ("train", "val", "test")) -> str:
+    """Loss and perplexity of each split, as aligned text."""
+    rows = [f"{'':<12}{'loss':>8}{'perplexity':>12}"]
+    rows += [f"{s:<12}{metrics[s]['loss']:>8.3f}{metrics[s]['perplexity']:>12.2f}" for s in splits if s in metrics]
+    return "\n".join(rows)
+
+
+def perplexity_markdown(metrics: dict, splits: tuple[str, ...] = ("train", "val", "test")) -> list[str]:
+    """Loss and perplexity of each split, as the lines of a Markdown table."""
+    return ["| split | loss | perplexity |", "| --- | --- | --- |",
+            *(f"| {s} | {metrics[s]['loss']:.4f} | {metrics[s]['perplexity']:.2f} |" for s in splits if s in metrics)]

@@ -10,6 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# OpenAI allows 4 stop strings; clients of other servers send more (lm-evaluation-harness: its task's
+# strings plus end-of-text), so we take as many as a request is likely to need.
+MAX_STOPS = 16
+
 
 class APIError(Exception):
     """An error a client gets as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
@@ -34,13 +38,13 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: str | None = Field(None, description="ignored: the server holds one model")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default: the model's, else 1")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default: the model's, else 1")
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63, description="a 64-bit signed seed, as PyTorch takes")
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -50,8 +54,8 @@ class _Sampling(_Body):
     @classmethod
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty stop strings")
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} non-empty stop strings")
         return stops
 
     @field_validator("presence_penalty", "frequency_penalty")

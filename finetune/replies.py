@@ -17,7 +17,6 @@ from finetune.openai_api import APIError
 from finetune.tokenizer import EOT_ID, get_tokenizer
 
 
-
 class Run:
     """The engine requests of one HTTP request (one per prompt), their events on one queue."""
 
@@ -29,14 +28,19 @@ class Run:
         self.requests = []
         for i, prompt in enumerate(prompts):
             emit = functools.partial(self._emit, loop, i)
-            seed = None if body.seed is None else body.seed + i  # each prompt its own stream, reproducibly
+            seed = None if body.seed is None else (body.seed + i) % 2**63  # each prompt its own stream, reproducibly
             self.requests.append(Generation(prompt, max_tokens, emit, body.temperature, body.top_p, seed, logprobs, score_prompt))
         for request in self.requests:
             engine.submit(request)
 
     def _emit(self, loop: asyncio.AbstractEventLoop, index: int, event: Event) -> None:
-        """Called in the engine's thread: hand the event to the request's event loop."""
-        loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        """Called in the engine's thread: hand the event to the request's event loop. A loop already closed
+        (the server stopping while a request decodes) has no one left to tell."""
+        try:
+            loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        except RuntimeError:  # "Event loop is closed"
+            if not loop.is_closed():
+                raise
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         """Every event until each request is done; stops the rest when the consumer goes away."""

@@ -15,9 +15,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib.resources import files
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,52 +23,32 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from finetune.classifier import GPTClassifier
 from finetune.engine import Engine
 from finetune.errors import UserError
-from finetune.openai_api import APIError, ChatRequest, ClassifyRequest, CompletionRequest
+from finetune.inference import Loaded, load_for_use
+from finetune.openai_api import (
+    APIError,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+)
+from finetune.predict import predict
+from finetune.records import Record
 from finetune.replies import ChatChoice, Completion, Run, stream_reply
+from finetune.respond import prompt_tokens
 from finetune.tokenizer import encode, get_tokenizer
 
 MAX_BODY = 1 << 20  # bytes; a request body beyond it is refused with 413
 MAX_TEXTS = 256  # texts per classification request
 
 
-@dataclass
-class Served:
-    """The model a server holds and what it needs to answer for it."""
-
-    model: object
-    meta: dict
-    name: str
-    instruct: bool  # chat turns become the Alpaca prompt of an instruct run
-    reply_tokens: int | None = None  # a chat reply's default length: an instruct run's generation.max_new_tokens
-
-    @property
-    def classifier(self) -> bool:
-        return isinstance(self.model, GPTClassifier)
+def load_served(name: str, init: str = "pretrained", bf16: bool = False, prompt_style: str | None = None) -> Loaded:
+    """What `finetune serve MODEL` serves: anything `finetune generate` or `finetune classify` takes, with
+    its stored interface: an instruction-tuned model's chat turns are prompted in its style."""
+    return load_for_use(name, init, bf16, prompt_style)
 
 
-def load_served(name: str, init: str = "pretrained", bf16: bool = False) -> Served:
-    """What `finetune serve MODEL` serves: anything `finetune generate` or `finetune classify` takes."""
-    import torch
-
-    from finetune.recipes.instruct import instruct_run_config
-    from finetune.weights import build_model, load_with_meta
-
-    if init == "pretrained":
-        model, meta = load_with_meta(name)
-    else:
-        model = build_model(name, init)
-        meta = model.checkpoint_meta()
-    path = Path(name)
-    config = instruct_run_config(path)
-    reply_tokens = config.generation.max_new_tokens if config else None
-    model = model.to(torch.bfloat16) if bf16 else model
-    return Served(model.eval(), meta, path.name if path.exists() else name, config is not None, reply_tokens)
-
-
-def create_app(served: Served, api_key: str | None = None, max_batch: int = 8):
+def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8):
     """The ASGI application: FastAPI's routes inside a request-body size limit."""
     engine = None if served.classifier else Engine(served.model, max_batch)
 
@@ -129,7 +107,7 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 8):
     async def models() -> dict:
         card = {"id": served.name, "object": "model", "created": created, "owned_by": "finetune",
                 "task": "text-classification" if served.classifier else "text-generation",
-                "context_length": context, "chat_template": "alpaca" if served.instruct else "plain"}
+                "context_length": context, "prompt_style": served.interface.prompt_style or "plain"}
         if served.classifier:
             card["labels"] = served.meta["labels"]
         return {"object": "list", "data": [card]}
@@ -137,6 +115,7 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 8):
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest):
         language_model_only()
+        sampling_defaults(body)
         prompts = _prompts(body.prompt, served.model.config.vocab_size)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens == 0 and not body.echo:
@@ -155,12 +134,16 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 8):
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(body: ChatRequest):
         language_model_only()
-        tokens = _chat_prompt(body, served.instruct)
+        sampling_defaults(body)
+        instruct = served.interface.instruct
+        tokens = _chat_prompt(body, served.interface.prompt_style)
         limit = body.max_completion_tokens or body.max_tokens
-        max_tokens = limit if limit is not None else min(served.reply_tokens or context, context - len(tokens))
+        reply_tokens = served.interface.generation.max_new_tokens if "generation" in served.meta else context
+        max_tokens = limit if limit is not None else min(reply_tokens, context - len(tokens))
         _fits(tokens, max_tokens, context, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         run = Run(engine, [tokens], max_tokens, body, None, False)
-        choice = ChatChoice(body.stop, strip=served.instruct)
+        stops = (body.stop or []) + [s for s in served.interface.generation.stop if s not in (body.stop or [])]
+        choice = ChatChoice(stops, strip=instruct)
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                  "model": served.name}
         if body.stream:
@@ -171,8 +154,6 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 8):
 
     @app.post("/v1/classify", dependencies=guarded)
     async def classify(body: ClassifyRequest) -> dict:
-        from finetune.recipes.classification import predict
-
         if not served.classifier:
             raise APIError(400, f"model: {served.name} is a language model; use /v1/completions or /v1/chat/completions", "model")
         texts = [body.input] if isinstance(body.input, str) else body.input
@@ -187,10 +168,19 @@ def create_app(served: Served, api_key: str | None = None, max_batch: int = 8):
                 return predict(served.model, served.meta, texts)
 
         probs = await run_in_threadpool(run)
-        labels = served.meta["labels"]
+        labels = served.interface.labels
         data = [{"index": i, "label": labels[int(p.argmax())], "probabilities": dict(zip(labels, p.tolist()))}
                 for i, p in enumerate(probs)]
         return {"object": "list", "model": served.name, "data": data}
+
+    def sampling_defaults(body) -> None:
+        """Settings a request leaves out are the model's generation defaults (as vLLM does), else OpenAI's."""
+        stored = "generation" in served.meta
+        defaults = served.interface.generation
+        if body.temperature is None:
+            body.temperature = defaults.temperature if stored else 1.0
+        if body.top_p is None:
+            body.top_p = (defaults.top_p or 1.0) if stored else 1.0
 
     def language_model_only() -> None:
         if served.classifier:
@@ -232,16 +222,16 @@ def _fits(tokens: list[int], max_tokens: int, context: int, field: str = "max_to
                             f"context of {context}; at most {context - len(tokens)}", field)
 
 
-def _chat_prompt(body: ChatRequest, instruct: bool) -> list[int]:
-    """The last user message: as an instruct run's Alpaca prompt, or as text to continue."""
-    from finetune.recipes.instruct import Record, format_prompt
-
+def _chat_prompt(body: ChatRequest, style: str | None) -> list[int]:
+    """The last user message: in the model's prompt style (its text parts the instruction and its input,
+    as the exported chat template reads them), or, for a model trained on no style, as text to continue."""
     user = next((m for m in reversed(body.messages) if m.role == "user"), None)
     if user is None or not user.text().strip():
         raise APIError(400, "messages: no user message with text", "messages")
-    if instruct:
-        return get_tokenizer().encode_ordinary(format_prompt(Record(user.text(), "", "")))
-    return encode(user.text())
+    if style is None:
+        return encode(user.text())
+    parts = [user.content] if isinstance(user.content, str) else [part.text for part in user.content]
+    return prompt_tokens(Record(parts[0], parts[1] if len(parts) > 1 else ""), style)
 
 
 class _BodyLimit:
@@ -291,7 +281,8 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16: bool, max_batch: int) -> None:
+def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16: bool, max_batch: int,
+          prompt_style: str | None = None) -> None:
     """Load the model and serve it until interrupted."""
     import socket
 
@@ -302,7 +293,7 @@ def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16:
             probe.bind((host, port))
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
-    served = load_served(name, init, bf16)
+    served = load_served(name, init, bf16, prompt_style)
     app = create_app(served, api_key, max_batch)
     kind = "classifier" if served.classifier else "language model"
     print(f"finetune: serving {served.name} ({kind}) at http://{host}:{port}/ (OpenAI API under /v1); Ctrl-C stops",

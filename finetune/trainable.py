@@ -9,7 +9,13 @@ import torch.nn as nn
 from finetune.classifier import GPTClassifier
 from finetune.config import LoraSection, RunConfig
 from finetune.errors import UserError
-from finetune.lora import LoRALinear, apply_lora, lora_layers, merged_model, unfreeze_modules
+from finetune.lora import (
+    LoRALinear,
+    apply_lora,
+    lora_layers,
+    merged_model,
+    unfreeze_modules,
+)
 from finetune.model import GPT
 
 

@@ -33,7 +33,12 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (
+    DistributedType,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -44,7 +49,12 @@ from finetune.progress import progress
 from finetune.runs import BEST, CHECKPOINTS, checkpoint_dirs, kept_checkpoint
 from finetune.serialization import load_weights, model_files
 from finetune.trainable import parameter_counts
-from finetune.training_state import STATE_JSON, load_training_state, rng_state, training_state_files
+from finetune.training_state import (
+    STATE_JSON,
+    load_training_state,
+    rng_state,
+    training_state_files,
+)
 
 # Sharded training needs the loss, clipping and checkpoints written for sharded parameters; DDP is supported.
 UNSUPPORTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)

@@ -13,16 +13,31 @@ from pathlib import Path
 
 import torch
 
+from finetune.book_layout import book_config, from_book
 from finetune.checkpoint import verify, write_directory
 from finetune.classifier import GPTClassifier
 from finetune.errors import UserError
 from finetune.hf_layout import from_hf, read_hf_config
-from finetune.peft_format import HEAD, PEFT_WEIGHTS, is_peft_adapter, read_adapter
+from finetune.interface import legacy_interface, read_export_interface
 from finetune.lora import LoRALinear, lora_layers, merged_model, wrap_layers
 from finetune.model import GPT, PRESETS, GPTConfig
-from finetune.runs import resolve
-from finetune.serialization import (ADAPTER_CONFIG, ADAPTER_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, assemble, load_weights,
-                                    model_files, read_config, read_meta, read_tensors, tensor_names, unreadable)
+from finetune.peft_format import HEAD, PEFT_WEIGHTS, is_peft_adapter, read_adapter
+from finetune.runs import resolve, run_of
+from finetune.serialization import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    FORMAT,
+    MODEL_FILE,
+    assemble,
+    load_weights,
+    model_files,
+    read_config,
+    read_meta,
+    read_tensors,
+    tensor_names,
+    unreadable,
+)
 
 HUB_IDS = {
     "gpt2": "openai-community/gpt2",
@@ -32,29 +47,6 @@ HUB_IDS = {
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SEQUENCE_CLASSIFIER = "GPT2ForSequenceClassification"
-
-# Per-block names: ours -> the book's GPTModel (q/k/v are separate Linear layers there).
-_BOOK_BLOCK = {
-    "ln_1.weight": "norm1.scale",
-    "ln_1.bias": "norm1.shift",
-    "attn.proj.weight": "att.out_proj.weight",
-    "attn.proj.bias": "att.out_proj.bias",
-    "ln_2.weight": "norm2.scale",
-    "ln_2.bias": "norm2.shift",
-    "mlp.fc.weight": "ff.layers.0.weight",
-    "mlp.fc.bias": "ff.layers.0.bias",
-    "mlp.proj.weight": "ff.layers.2.weight",
-    "mlp.proj.bias": "ff.layers.2.bias",
-}
-_BOOK_QKV = ("att.W_query", "att.W_key", "att.W_value")
-_BOOK_TOP = {
-    "wte.weight": "tok_emb.weight",
-    "wpe.weight": "pos_emb.weight",
-    "ln_f.weight": "final_norm.scale",
-    "ln_f.bias": "final_norm.shift",
-    "lm_head.weight": "out_head.weight",
-}
-
 
 def build_model(name: str, init: str = "pretrained", dropout: float = 0.0) -> torch.nn.Module:
     """The model a recipe or command asks for: pretrained weights, or a random init of the same shape.
@@ -106,14 +98,17 @@ def load_with_meta(name_or_path: str | Path, *, config: GPTConfig | None = None,
             return _with_meta(_load_book(path, config, dropout))
         raise UserError(f"{path}: expected a checkpoint directory (config.json + model.safetensors) or a book .pth file")
     if is_peft_adapter(path):
-        return _load_peft(path, dropout)
+        model, meta = _load_peft(path, dropout)
+        return model, meta | read_export_interface(path)
     if (path / ADAPTER_CONFIG).exists() or read_config(path).get("format") == FORMAT:
-        return load_model(path, dropout=dropout)  # a GPT, or the classifier a recipe trained
+        model, meta = load_model(path, dropout=dropout)  # a GPT, or the classifier a recipe trained
+        return model, legacy_interface(meta, path, run_of(path))
     raw = read_config(path)
     weights = _weights_file(path)
     config = replace(config or read_hf_config(raw, path / CONFIG_FILE), dropout=dropout)
     if SEQUENCE_CLASSIFIER not in (raw.get("architectures") or []):
-        return _with_meta(_assemble(config, from_hf(_read_tensors(weights)), weights))
+        model, meta = _with_meta(_assemble(config, from_hf(_read_tensors(weights)), weights))
+        return model, meta | read_export_interface(path)
     labels = _hf_labels(raw, path / CONFIG_FILE)
     tensors = _classifier_tensors(from_hf(_read_tensors(weights)), len(labels))
     model = assemble(lambda: GPTClassifier(GPT(config), len(labels)), tensors, weights)
@@ -269,32 +264,6 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _from_book(state: dict[str, torch.Tensor], C: int) -> Iterator[tuple[str, torch.Tensor]]:
-    top = {book: ours for ours, book in _BOOK_TOP.items()}
-    block = {book: ours for ours, book in _BOOK_BLOCK.items()}
-    block_key = re.compile(r"trf_blocks\.(\d+)\.(.+)")
-    qkv_parts = {f"{p}.{kind}" for p in _BOOK_QKV for kind in ("weight", "bias")}
-    layers = set()
-    for name, t in state.items():
-        m = block_key.fullmatch(name)
-        if name in top:
-            yield top[name], t
-        elif m and m.group(2) in block:
-            yield f"blocks.{m.group(1)}.{block[m.group(2)]}", t
-        elif m and m.group(2) in qkv_parts:
-            layers.add(m.group(1))
-        elif m and m.group(2) == "att.mask":
-            continue  # the causal-mask buffer
-        else:
-            yield name, t
-    for i in sorted(layers, key=int):
-        p = f"trf_blocks.{i}."
-        yield f"blocks.{i}.attn.qkv.weight", torch.cat([state[p + q + ".weight"] for q in _BOOK_QKV])
-        # The book's qkv_bias=False models have no q/k/v biases: zeros compute the same thing.
-        bias = [state.get(p + q + ".bias", torch.zeros(C, dtype=state[p + q + ".weight"].dtype)) for q in _BOOK_QKV]
-        yield f"blocks.{i}.attn.qkv.bias", torch.cat(bias)
-
-
 def _load_book(path: Path, config: GPTConfig | None, dropout: float) -> GPT:
     try:
         state = _torch_load(path)
@@ -303,26 +272,8 @@ def _load_book(path: Path, config: GPTConfig | None, dropout: float) -> GPT:
     except Exception as e:  # corrupt or truncated files raise format-specific errors
         raise unreadable(path, e) from e
     if config is None:
-        config = _book_config(state, path)
-    return _assemble(replace(config, dropout=dropout), _from_book(state, config.n_embd), path)
-
-
-def _book_config(state: dict[str, torch.Tensor], path: Path) -> GPTConfig:
-    try:
-        vocab, C = state["tok_emb.weight"].shape
-        context = state["pos_emb.weight"].shape[0]
-    except KeyError as e:
-        raise UserError(f"{path}: not a book GPTModel state dict (missing {e})") from e
-    n_layer = len({k.split(".")[1] for k in state if k.startswith("trf_blocks.")})
-    tied = "out_head.weight" in state and torch.equal(state["out_head.weight"], state["tok_emb.weight"])
-    for preset in PRESETS.values():
-        candidate = GPTConfig(**{**preset, "tie_embeddings": tied})
-        if (candidate.n_embd, candidate.n_layer) == (C, n_layer):
-            return GPTConfig(**{**candidate.to_dict(), "vocab_size": vocab, "context_length": context})
-    raise UserError(
-        f"{path}: shapes (n_embd={C}, n_layer={n_layer}) match no preset, so the head count is unknown; "
-        "pass config=GPTConfig(...) to load_pretrained"
-    )
+        config = book_config(state, path)
+    return _assemble(replace(config, dropout=dropout), from_book(state, config.n_embd), path)
 
 
 def _assemble(config: GPTConfig, tensors: Iterator[tuple[str, torch.Tensor]], source: Path) -> GPT:

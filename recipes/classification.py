@@ -11,37 +11,45 @@ regression baseline on the same split) -> report (metrics.json, curves.png, conf
 from __future__ import annotations
 
 import math
-import os
 import random
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from pydantic import Field, model_validator
-
-from finetune.classifier import GPTClassifier
-from finetune.config import FinetuneSection, Float, ModelSection, RunConfig, Section, TrainSection
 from finetune.data import BundledFile, bundled
-from finetune.errors import UserError
 from finetune.evals.classification import classification_metrics
 from finetune.evals.plots import plot_confusion, plot_curves
+from finetune.recipes import PRESETS
+from pydantic import Field, model_validator
+
+from finetune.classification_inputs import (
+    Collate,
+    Encoded,
+    Example,
+    by_length,
+    encode,
+    tokenize,
+    truncate,
+)
+from finetune.classifier import GPTClassifier
+from finetune.config import (
+    FinetuneSection,
+    Float,
+    ModelSection,
+    RunConfig,
+    Section,
+    TrainSection,
+)
+from finetune.errors import UserError
 from finetune.features import CollateFeatures, cache_splits
-from finetune.progress import progress
-from finetune.recipes.base import SPLITS, Recipe, Setup
+from finetune.recipe import SPLITS, Recipe, Setup, evaluate_splits
 from finetune.tables import Format, Table, read_table
-from finetune.tokenizer import EOT_ID, get_tokenizer
-from finetune.trainer import eval_loader
-from finetune.weights import build_model, load_with_meta
-
-Example = tuple[int, str]  # (class index, text)
-
+from finetune.weights import build_model
 
 # -- config -------------------------------------------------------------------------------------
 
@@ -222,49 +230,6 @@ def class_weights(train: list[Example], classes: int) -> torch.Tensor:
     return (counts.sum() / (classes * counts)).float()
 
 
-@dataclass
-class Encoded:
-    """Token ids per text, truncated to a fixed maximum."""
-
-    ids: list[list[int]]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[list[int], int]:
-        return self.ids[i], self.labels[i]
-
-
-def by_length(data: Encoded) -> Encoded:
-    """The same texts, shortest first, for evaluation: batches of similar lengths carry little
-    padding, and metrics do not depend on the order."""
-    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
-    return Encoded([data.ids[i] for i in order], [data.labels[i] for i in order])
-
-
-def tokenize(texts: list[str], chunk: int = 2048) -> list[list[int]]:
-    """Token ids of many texts, in chunks on a thread per core (tiktoken's encoder releases the GIL).
-
-    tiktoken's own `encode_ordinary_batch` submits one task per text: on a million short texts that
-    overhead made it 5.6x slower than a plain loop (benchmarks/read_tokenize.py)."""
-    encode = get_tokenizer().encode_ordinary
-    chunks = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
-    if len(chunks) <= 1:
-        return [encode(text) for text in texts]
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        return [ids for part in pool.map(lambda part: [encode(text) for text in part], chunks) for ids in part]
-
-
-def truncate(ids: list[int], max_length: int, keep: str) -> list[int]:
-    return ids[:max_length] if keep == "start" else ids[-max_length:]
-
-
-def encode(examples: list[Example], max_length: int, keep: str = "start") -> Encoded:
-    ids = tokenize([text for _, text in examples])
-    return Encoded([truncate(row, max_length, keep) for row in ids], [label for label, _ in examples])
-
-
 def encode_splits(data: LabelledData, config: ClassificationConfig, context: int,
                   splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, Encoded], int]:
     """Token ids of `splits` (train among them), cut to data.max_length: by default the longest
@@ -276,27 +241,6 @@ def encode_splits(data: LabelledData, config: ClassificationConfig, context: int
     encoded = {s: Encoded([truncate(row, max_length, config.data.keep) for row in rows],
                           [label for label, _ in data.splits[s]]) for s, rows in ids.items()}
     return encoded, max_length
-
-
-class Collate:
-    """Right-pads with <|endoftext|> to the longest text of the batch (or to `pad_to`)."""
-
-    def __init__(self, pad_to: int | None = None) -> None:
-        self.pad_to = pad_to
-
-    @classmethod
-    def for_pool(cls, pool: str, max_length: int) -> "Collate":
-        """The book's last-position pooling needs every text padded to the same length."""
-        return cls(max_length if pool == "last_position" else None)
-
-    def __call__(self, batch: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        width = self.pad_to or max(len(ids) for ids, _ in batch)
-        return {
-            "input_ids": torch.tensor([ids + [EOT_ID] * (width - len(ids)) for ids, _ in batch]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch]),
-            "labels": torch.tensor([label for _, label in batch]),
-            "host_labels": [label for _, label in batch],  # for counting without waiting for the device
-        }
 
 
 # -- task ---------------------------------------------------------------------------------------
@@ -349,6 +293,8 @@ class ClassificationTask:
 
 class Classification(Recipe[ClassificationConfig, LabelledData]):
     """`bundled`: the data file used when a config names none (the SMS spam preset)."""
+
+    presets = PRESETS
 
     def __init__(self, name: str, config: type[ClassificationConfig], bundled_data: BundledFile | None = None) -> None:
         self.name, self.Config, self.bundled = name, config, bundled_data
@@ -412,16 +358,14 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
         cached = reuse.get("cached") or {}
         task = ClassificationTask(meta["labels"], positive=positive_index(config, meta["labels"]))
         batch_size = config.train.eval_batch_size or config.train.batch_size
-        results = {}
+        inputs = {}
         for split in (s for s in splits if s in data.splits):
             if split in cached:
-                dataset, collate = cached[split], CollateFeatures(cached[split].start)
+                inputs[split] = cached[split], CollateFeatures(cached[split].start)
             else:
-                dataset = by_length(encode(data.splits[split], meta["max_length"], meta.get("keep", "start")))
-                collate = Collate.for_pool(meta["pool"], meta["max_length"])
-            loader = accelerator.prepare(eval_loader(dataset, batch_size, collate))
-            results[split] = task.evaluate(model, loader, accelerator)
-        return results
+                inputs[split] = (by_length(encode(data.splits[split], meta["max_length"], meta.get("keep", "start"))),
+                                 Collate.for_pool(meta["pool"], meta["max_length"]))
+        return evaluate_splits(task, model, inputs, batch_size, accelerator)
 
     def report(self, out: Path, config: ClassificationConfig, data: LabelledData, metrics: dict,
                history: list[dict], model, quiet: bool) -> tuple[dict, list[str]]:
@@ -479,54 +423,3 @@ def tfidf_baseline(data: LabelledData, positive: int = 1) -> dict:
 
 Config = ClassificationConfig
 RECIPE = Classification("classification", ClassificationConfig)
-
-
-# -- predictions --------------------------------------------------------------------------------
-
-
-def load_classifier(source: Path) -> tuple[GPTClassifier, dict]:
-    """A classifier: a classification run's kept checkpoint, a checkpoint, a transformers
-    GPT2ForSequenceClassification directory or a PEFT SEQ_CLS adapter; refusing any other kind."""
-    model, meta = load_with_meta(source)
-    if meta.get("task") != "classification":
-        raise UserError(f"{source}: a {meta.get('task')} checkpoint, not a classifier; give a classification run")
-    return model, meta
-
-
-@torch.no_grad()
-def predict(model: GPTClassifier, meta: dict, texts: list[str], batch_size: int = 32, quiet: bool = True) -> torch.Tensor:
-    """Class probabilities `(len(texts), classes)` in input order, batched shortest-first."""
-    encoded = encode([(0, text) for text in texts], meta["max_length"], meta.get("keep", "start"))
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded.ids[i]))
-    collate = Collate.for_pool(meta["pool"], meta["max_length"])
-    probs = torch.empty(len(texts), meta["num_classes"])
-    model.eval()
-    for start in progress(range(0, len(order), batch_size), "predicting", quiet):
-        rows = order[start:start + batch_size]
-        batch = collate([encoded[i] for i in rows])
-        probs[rows] = model(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
-    return probs
-
-
-def predict_file(source: Path, data: Path, out: Path, text_field: str | None = None, fmt: str | None = None,
-                 delimiter: str | None = None, batch_size: int = 32) -> int:
-    """Write `out` (CSV): per input row its text, the predicted class, its probability and every
-    class's probability (`p_<class>`). Returns the number of rows."""
-    if out.exists():
-        raise UserError(f"{out} exists; choose a new file for the predictions")
-    model, meta = load_classifier(source)
-    table = read_table(data, fmt, delimiter, setting="--data")
-    texts = table.column(text_field or meta.get("text_field", "text"), "--text-field").tolist()
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{table.where(i)}: empty text; every row needs a text to classify")
-    probs = predict(model, meta, texts, batch_size, quiet=False)
-    best = probs.argmax(-1)
-    frame = pd.DataFrame({"text": texts, "predicted": [meta["labels"][i] for i in best.tolist()],
-                          "probability": probs.max(-1).values.numpy()})
-    for i, name in enumerate(meta["labels"]):
-        frame[f"p_{name}"] = probs[:, i].numpy()
-    tmp = out.with_name(f".tmp-{out.name}")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(out)
-    return len(frame)

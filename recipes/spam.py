@@ -10,7 +10,12 @@ from __future__ import annotations
 from typing import Literal
 
 from finetune.data import SMS_SPAM
-from finetune.recipes.classification import Classification, ClassificationConfig, ClassificationData
+from finetune.recipes.classification import (
+    Classification,
+    ClassificationConfig,
+    ClassificationData,
+)
+
 from finetune.tables import Format
 
 

@@ -16,20 +16,29 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator, PartialState
+from finetune.data import THE_VERDICT, bundled
+from finetune.evals.plots import plot_curves
+from finetune.recipes import PRESETS
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from finetune.checkpoint import write_text_atomic
 from finetune.config import Float, ModelSection, RunConfig, SamplingSection, Section
-from finetune.corpus import Corpus, TextFormat, Windows, collate_windows, default_cache_dir, find_sources, tokenized
-from finetune.data import THE_VERDICT, bundled
+from finetune.corpus import (
+    Corpus,
+    TextFormat,
+    Windows,
+    collate_windows,
+    default_cache_dir,
+    find_sources,
+    tokenized,
+)
 from finetune.errors import UserError
-from finetune.evals.plots import plot_curves
 from finetune.generate import generate
-from finetune.next_token import NextTokenTask
-from finetune.recipes.base import Recipe, Setup, language_model
+from finetune.interface import interface_meta
+from finetune.next_token import NextTokenTask, perplexity_markdown, perplexity_table
+from finetune.recipe import Recipe, Setup, evaluate_splits
 from finetune.tokenizer import EOT_ID, encode, get_tokenizer
-from finetune.trainer import eval_loader
 
 SPLITS = ("train", "val")
 
@@ -107,13 +116,10 @@ def window_shape(config: TextConfig, context: int) -> tuple[int, int]:
 
 
 class Text(Recipe[TextConfig, Corpus]):
-    name, Config = "text", TextConfig
+    name, Config, presets = "text", TextConfig, PRESETS
 
     def prepare(self, config: TextConfig) -> Corpus:
         return read_corpus(config.data)
-
-    def build_model(self, config: TextConfig, data: Corpus) -> torch.nn.Module:
-        return language_model(config)
 
     def setup(self, config: TextConfig, data: Corpus, model, accelerator: Accelerator, quiet: bool) -> Setup:
         max_length, stride = window_shape(config, model.config.context_length)
@@ -131,16 +137,16 @@ class Text(Recipe[TextConfig, Corpus]):
                 tqdm.write(f"sample: {text!r}", file=sys.stderr)
             return {"sample": text}
 
-        return Setup(splits["train"], splits["val"], collate_windows, NextTokenTask(),
-                     {"max_length": max_length, "stride": stride}, on_evaluate=show_sample)
+        meta = {"max_length": max_length, "stride": stride, **interface_meta(None, config.generation, config.train.seed)}
+        return Setup(splits["train"], splits["val"], collate_windows, NextTokenTask(), meta, on_evaluate=show_sample)
 
     def evaluate(self, config: TextConfig, data: Corpus, model, meta: dict, splits: tuple[str, ...],
                  accelerator: Accelerator, reuse: dict) -> dict:
         """Loss and perplexity over every window of each split."""
         found = windows(data, meta["max_length"], meta["stride"])
         batch_size = config.train.eval_batch_size or config.train.batch_size
-        return {split: NextTokenTask().evaluate(model, accelerator.prepare(eval_loader(found[split], batch_size, collate_windows)),
-                                                accelerator) for split in splits if split in found}
+        return evaluate_splits(NextTokenTask(), model, {s: (found[s], collate_windows) for s in splits if s in found},
+                               batch_size, accelerator)
 
     def report(self, out: Path, config: TextConfig, data: Corpus, metrics: dict, history: list[dict], model,
                quiet: bool) -> tuple[dict, list[str]]:
@@ -152,8 +158,7 @@ class Text(Recipe[TextConfig, Corpus]):
         return metrics, ["report.md", "curves.png"]
 
     def summary_table(self, metrics: dict) -> str:
-        rows = [f"{'':<8}{'loss':>8}{'perplexity':>12}"]
-        rows += [f"{s:<8}{metrics[s]['loss']:>8.3f}{metrics[s]['perplexity']:>12.2f}" for s in SPLITS if s in metrics]
+        rows = [perplexity_table(metrics, SPLITS)]
         if "sample" in metrics:
             rows.append(f"sample: {metrics['sample']['text']!r}")
         return "\n".join(rows)
@@ -178,7 +183,6 @@ def report_markdown(config: TextConfig, metrics: dict) -> str:
     data = metrics["data"]
     lines = [f"# Text: {config.model.name} ({config.model.init}, {config.finetune.trainable})", "",
              f"{data['tokens']['train']:,} train and {data['tokens']['val']:,} validation tokens, split by {data['split']}.",
-             "", "| split | loss | perplexity |", "| --- | --- | --- |"]
-    lines += [f"| {s} | {metrics[s]['loss']:.4f} | {metrics[s]['perplexity']:.2f} |" for s in SPLITS if s in metrics]
+             "", *perplexity_markdown(metrics, SPLITS)]
     lines += ["", "## Sample", "", f"**Prompt:** {config.generation.prompt}", "", f"**Model:** {metrics['sample']['text']}", ""]
     return "\n".join(lines)

@@ -4,7 +4,8 @@ import pytest
 
 from finetune.config import load_config
 from finetune.errors import UserError
-from finetune.recipes import config_dir, load_run_config
+from finetune.recipes import PRESETS
+from finetune.registry import load_run_config
 from finetune.recipes.spam import SpamConfig
 from tests.helpers import cli, one_line_error
 
@@ -13,7 +14,7 @@ def test_presets_validate_and_overrides_apply():
     config = load_run_config("spam", None, ["train.epochs=3", "model.name=gpt2-medium", "train.lr=1e-4"])
     assert (config.train.epochs, config.model.name, config.train.lr) == (3, "gpt2-medium", 1e-4)
     assert config.finetune.trainable == "last_block" and config.train.seed == 123  # the book's settings
-    for path in config_dir().glob("*.yaml"):
+    for path in PRESETS.glob("*.yaml"):
         load_run_config(None, path, [])
 
 
@@ -49,9 +50,9 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 
 
 def test_validate_cli(capsys, tmp_path):
-    code, out, _ = cli(capsys, "validate", str(config_dir() / "spam.yaml"), "train.epochs=2")
+    code, out, _ = cli(capsys, "validate", str(PRESETS / "spam.yaml"), "train.epochs=2")
     assert code == 0 and "epochs: 2" in out
-    assert "train.epochs" in one_line_error(capsys, "validate", str(config_dir() / "spam.yaml"), "train.epochs=-1")
+    assert "train.epochs" in one_line_error(capsys, "validate", str(PRESETS / "spam.yaml"), "train.epochs=-1")
     assert "no such config file" in one_line_error(capsys, "validate", str(tmp_path / "none.yaml"))
     assert "unknown recipe" in one_line_error(capsys, "run", "nosuch")
 

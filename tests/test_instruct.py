@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from finetune import load_pretrained
 from finetune.data import INSTRUCTIONS, bundled
 from finetune.errors import UserError
-from finetune.recipes.instruct import Collate, Example, InstructData, Record, format_prompt, read_records, split_records
+from finetune.prompts import format_prompt
+from finetune.recipes.instruct import Collate, Example, InstructData, read_instructions
+from finetune.records import Record, read_records, split_records
 from finetune.tokenizer import EOT_ID
 from finetune.weights import build_model, load_model
 from tests.helpers import assert_same_files, cli, one_line_error, run_killed_and_resumed
@@ -35,19 +37,19 @@ def test_collate_pads_keeps_one_end_of_text_and_masks():
 
 def test_template_and_book_split():
     record = Record("Rewrite the sentence.", "The car is fast.", "It zooms.")
-    assert format_prompt(record) == (
+    assert format_prompt("alpaca", record.instruction, record.input) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\nThe car is fast.\n\n### Response:\n")
-    assert "### Input" not in format_prompt(Record("Say hi.", "", "Hi."))
-    splits = split_records(read_records(bundled(INSTRUCTIONS), InstructData()), InstructData())
+    assert "### Input" not in format_prompt("alpaca", "Say hi.")
+    splits = split_records(read_instructions(InstructData()), 0.85, 0.10)
     assert {k: len(v) for k, v in splits.items()} == {"train": 935, "test": 110, "val": 55}
 
 
 def test_jsonl_and_mapped_field_names(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"prompt": "Say hi.", "answer": "Hi."}\n\n{"prompt": "Add.", "context": "1+1", "answer": "2"}\n')
-    fields = InstructData(instruction_field="prompt", input_field="context", output_field="answer")
-    assert read_records(path, fields) == [Record("Say hi.", "", "Hi."), Record("Add.", "1+1", "2")]
+    fields = InstructData(path=str(path), instruction_field="prompt", input_field="context", output_field="answer")
+    assert read_instructions(fields) == [Record("Say hi.", "", "Hi."), Record("Add.", "1+1", "2")]
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -61,7 +63,7 @@ def test_bad_data_is_named(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        read_records(path, InstructData())
+        read_records(path)
 
 
 def tiny_instruct_args(out, *extra):
@@ -108,7 +110,7 @@ def test_lora_instruct_run_prints_its_progress_and_trains_only_the_adapters(tmp_
     code, printed, err = cli(capsys, *args)
     assert code == 0, err
     # Not --quiet: a sample response at each evaluation (step 0 and the end of the epoch) and the summary.
-    sample = split_records(read_records(small_data, InstructData()), InstructData())["val"][0].instruction
+    sample = split_records(read_records(small_data), 0.85, 0.10)["val"][0].instruction
     assert err.count(f"sample response to {sample!r}: ") == 2, err
     assert "loss  perplexity" in printed and "test responses: ROUGE-L" in printed and "results in" in printed
 

@@ -14,7 +14,8 @@ from finetune.classifier import GPTClassifier
 from finetune.config import load_config
 from finetune.errors import UserError
 from finetune.lora import LoRALinear, apply_lora, merge_lora, unmerge_lora
-from finetune.recipes.classification import ClassificationTask, Collate, encode_splits
+from finetune.classification_inputs import Collate
+from finetune.recipes.classification import ClassificationTask, encode_splits
 from finetune.recipes.spam import RECIPE, SpamConfig
 from finetune.serialization import model_files
 from finetune.trainable import parameter_counts

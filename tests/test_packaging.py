@@ -13,7 +13,7 @@ import pytest
 
 import finetune.data
 from finetune.data import SMS_SPAM, bundled
-from finetune.recipes import config_path, presets
+from finetune.registry import config_path, presets
 from tests.helpers import cli, one_line_error
 
 

@@ -19,7 +19,8 @@ import torch
 from finetune import GPT, GPTConfig
 from finetune.classifier import GPTClassifier
 from finetune.generate import generate
-from finetune.server import Served, create_app
+from finetune.inference import Loaded
+from finetune.server import create_app
 from finetune.tokenizer import EOT_ID, encode, get_tokenizer
 
 PROMPTS = ["Every effort moves you", "The", "It had always been my fate to", "I HAD always thought Jack Gisburn rather a cheap genius"]
@@ -59,7 +60,7 @@ def tiny_lm(seed=0):
 @pytest.fixture(scope="module")
 def lm():
     model = tiny_lm()
-    running = Running(create_app(Served(model, model.checkpoint_meta(), "tiny", instruct=False), KEY, max_batch=8))
+    running = Running(create_app(Loaded.of(model, model.checkpoint_meta(), "tiny"), KEY, max_batch=8))
     yield running, model
     running.close()
 
@@ -69,7 +70,7 @@ def classifier():
     torch.manual_seed(1)
     model = GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny")), 3).eval()
     meta = {**model.checkpoint_meta(), "labels": ["billing", "shipping", "returns"], "max_length": 64, "keep": "start"}
-    running = Running(create_app(Served(model, meta, "tickets", instruct=False)))
+    running = Running(create_app(Loaded.of(model, meta, "tickets")))
     yield running, model, meta
     running.close()
 
@@ -241,7 +242,7 @@ def test_an_oversized_body_sent_in_chunks_is_refused(lm):
 
 def test_a_failure_inside_the_engine_ends_that_request_not_the_server():
     model = tiny_lm(seed=6)
-    running = Running(create_app(Served(model, model.checkpoint_meta(), "tiny", instruct=False)))
+    running = Running(create_app(Loaded.of(model, model.checkpoint_meta(), "tiny")))
     try:
         def broken(*args, **kwargs):
             raise RuntimeError("boom")
@@ -278,7 +279,7 @@ def health(running) -> dict:
 def test_a_client_that_leaves_mid_stream_frees_its_place():
     torch.manual_seed(0)  # a model slow enough (a few ms a token) that 400 tokens outlast noticing the client left
     model = GPT(GPTConfig(n_embd=256, n_layer=8, n_head=8, context_length=512)).eval()
-    running = Running(create_app(Served(model, model.checkpoint_meta(), "slow", instruct=False), KEY))
+    running = Running(create_app(Loaded.of(model, model.checkpoint_meta(), "slow"), KEY))
     try:
         body = json.dumps({"prompt": "The", "max_tokens": 400, "temperature": 0, "stream": True}).encode()
         request = urllib.request.Request(running.url + "/v1/completions", body,
@@ -297,7 +298,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_place():
 
 
 def test_classification_endpoint(classifier, lm):
-    from finetune.recipes.classification import predict
+    from finetune.predict import predict
 
     running, model, meta = classifier
     texts = ["my invoice is wrong", "where is my parcel", "x"]
@@ -415,7 +416,7 @@ def test_page_streams_a_reply_in_a_real_browser(browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     model = tiny_lm(seed=5)
-    running = Running(create_app(Served(model, model.checkpoint_meta(), "tiny", instruct=False)))
+    running = Running(create_app(Loaded.of(model, model.checkpoint_meta(), "tiny")))
     try:
         browser.get(running.url + "/")
         WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "title").text == "tiny")
@@ -441,7 +442,7 @@ def test_page_shows_class_probabilities_in_a_real_browser(browser, classifier):
     browser.find_element(By.ID, "text").send_keys("where is my parcel")
     browser.find_element(By.ID, "classify").click()
     rows = WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#bars .row"))
-    from finetune.recipes.classification import predict
+    from finetune.predict import predict
 
     expected = dict(zip(meta["labels"], predict(model, meta, ["where is my parcel"])[0].tolist()))
     shown = {row.get_attribute("data-label"): float(row.get_attribute("data-probability")) for row in rows}
@@ -453,17 +454,19 @@ def test_page_shows_class_probabilities_in_a_real_browser(browser, classifier):
 def test_chat_with_an_instruct_run_is_what_finetune_respond_answers():
     """The last user message becomes the Alpaca prompt; the reply is `respond`'s, stripped, as long as
     the run's generation.max_new_tokens by default."""
-    from finetune.config import load_config
-    from finetune.recipes.instruct import InstructConfig, Record, respond
+    from finetune.interface import Generation, interface_meta
+    from finetune.records import Record
+    from finetune.respond import respond
 
     model = tiny_lm(seed=4)
-    running = Running(create_app(Served(model, model.checkpoint_meta(), "instruct", instruct=True, reply_tokens=24)))
+    generation = Generation(max_new_tokens=24)
+    meta = model.checkpoint_meta() | interface_meta("alpaca", generation, seed=123)
+    running = Running(create_app(Loaded.of(model, meta, "instruct")))
     try:
-        config = load_config(InstructConfig, None, ["generation.max_new_tokens=24"])
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
                     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Rewrite: the cake was ate."}]
         reply = client(running.url).chat.completions.create(model="instruct", messages=messages, temperature=0)
-        expected = respond(model, [Record("Rewrite: the cake was ate.", "", "")], config)[0]
+        expected = respond(model, [Record("Rewrite: the cake was ate.")], "alpaca", generation)[0]
         assert reply.choices[0].message.content == expected
         assert reply.usage.completion_tokens <= 24
         streamed = "".join(c.choices[0].delta.content or "" for c in client(running.url).chat.completions.create(

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.data import SMS_SPAM, bundled
-from finetune.recipes import load_run_config
+from finetune.registry import load_run_config
 from finetune.recipes.spam import RECIPE, SpamConfig
 from finetune.tables import read_table
 from finetune.trainer import Trainer

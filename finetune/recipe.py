@@ -1,9 +1,11 @@
-"""The shape every recipe shares, written once (in the spirit of torchtune's recipe interface).
+"""The recipe interface, and the story that runs it (in the spirit of torchtune's recipes).
 
-A recipe is its data reader (`prepare`), its model and task (`build_model`, `setup`), its evaluation
-(`evaluate`) and its report (`report`, `summary_table`). `train` runs them as a story: config ->
-data (read and split once, before any model is built) -> model -> what trains -> train -> evaluate
-the kept weights -> report. `evaluate_run` re-evaluates a finished run the same way.
+A recipe is a training plugin: its data reader (`prepare`), its model and task (`build_model`,
+`setup`), its evaluation (`evaluate`) and its report (`report`, `summary_table`). `train` runs them
+as a story: config -> data (read and split once, before any model is built) -> model -> what trains
+-> train -> evaluate the kept weights -> report. `evaluate_run` re-evaluates a finished run the same
+way. What a trained model is (task, labels, prompt style) goes into `Setup.meta`, and so into every
+checkpoint; using the model afterwards needs no recipe (`finetune.interface`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,17 @@ from finetune.checkpoint import write_text_atomic
 from finetune.config import RunConfig, load_config
 from finetune.errors import UserError
 from finetune.model import GPT
+from finetune.next_token import perplexity_table
 from finetune.runs import kept_checkpoint
 from finetune.serialization import read_meta
 from finetune.trainable import configure_trainable
-from finetune.trainer import Task, Trainer, check_output_dir, make_accelerator
+from finetune.trainer import (
+    Task,
+    Trainer,
+    check_output_dir,
+    eval_loader,
+    make_accelerator,
+)
 from finetune.weights import build_model, load_model, load_with_meta
 
 SPLITS = ("train", "val", "test")
@@ -50,14 +59,16 @@ class Setup:
 class Recipe(ABC, Generic[C, D]):
     name: str
     Config: type[C]
+    presets: Path | None = None  # the directory of this recipe's preset YAML files
 
     @abstractmethod
     def prepare(self, config: C) -> D:
         """Read, check and split the data: cheap, so that bad data fails before a model is built."""
 
-    @abstractmethod
     def build_model(self, config: C, data: D) -> torch.nn.Module:
-        """The model before `finetune.trainable` picks what trains."""
+        """The model before `finetune.trainable` picks what trains: by default `model.name` as a
+        language model."""
+        return language_model(config)
 
     @abstractmethod
     def setup(self, config: C, data: D, model: torch.nn.Module, accelerator: Accelerator, quiet: bool) -> Setup:
@@ -74,9 +85,16 @@ class Recipe(ABC, Generic[C, D]):
         """Main process only: add what the report needs to `metrics` and write its files (plots,
         responses); returns the metrics for metrics.json and the names of the files written."""
 
-    @abstractmethod
     def summary_table(self, metrics: dict) -> str:
-        """The metrics a person reads first, as aligned text."""
+        """The metrics a person reads first, as aligned text: by default loss and perplexity per split."""
+        return perplexity_table(metrics)
+
+
+def evaluate_splits(task: Task, model: torch.nn.Module, splits: dict[str, tuple[Dataset, Callable[[list], dict]]],
+                    batch_size: int, accelerator: Accelerator) -> dict[str, dict]:
+    """`task`'s metrics on each split (a dataset and its collate), every process evaluating its share."""
+    return {name: task.evaluate(model, accelerator.prepare(eval_loader(data, batch_size, collate)), accelerator)
+            for name, (data, collate) in splits.items()}
 
 
 def language_model(config: RunConfig) -> GPT:

@@ -1,0 +1,70 @@
+"""Commands that train and re-evaluate: `run`, `validate`, `eval` and `recipes`. Recipes are found
+through their entry points (`finetune.registry`); parsing needs nothing heavy."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(commands) -> None:
+    run = commands.add_parser("run", help="train a recipe: finetune run spam [--config FILE] [key=value ...]")
+    run.add_argument("recipe", help="recipe name (see `finetune recipes`)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
+    run.add_argument("--config", help="preset name (see `finetune recipes`) or YAML file; default: the preset named after the recipe")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    run.set_defaults(func=run_recipe)
+
+    val = commands.add_parser("validate", help="check a config file without running it")
+    val.add_argument("config", help="preset name or YAML file")
+    val.add_argument("overrides", nargs="*", metavar="key=value")
+    val.set_defaults(func=run_validate)
+
+    ev = commands.add_parser("eval", help="re-evaluate a run's kept checkpoint")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", nargs="+", default=["test"], choices=["train", "val", "test"])
+    ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ev.add_argument("--model", help="evaluate this model on the run's data instead (a PEFT adapter, an export, a checkpoint)")
+    ev.set_defaults(func=run_eval)
+
+    rec = commands.add_parser("recipes", help="list recipes and their preset configs")
+    rec.set_defaults(func=run_list)
+
+
+def run_recipe(args: argparse.Namespace) -> None:
+    from finetune.recipe import train
+    from finetune.registry import load_run_config, recipe
+
+    config = load_run_config(args.recipe, args.config, args.overrides)
+    train(recipe(config.recipe), config, quiet=args.quiet)
+
+
+def run_validate(args: argparse.Namespace) -> None:
+    from finetune.registry import load_run_config
+
+    config = load_run_config(None, args.config, args.overrides)
+    print(f"# {args.config}: valid {config.recipe} config")
+    print(config.to_yaml(), end="")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from finetune.recipe import evaluate_run
+    from finetune.registry import run_recipe as recipe_of
+
+    recipe = recipe_of(Path(args.run_dir))
+    metrics = evaluate_run(recipe, Path(args.run_dir), tuple(args.split), args.model)
+    print(json.dumps(metrics) if args.json else recipe.summary_table(metrics))
+
+
+def run_list(args: argparse.Namespace) -> None:
+    from finetune.registry import presets, recipe_names
+
+    found = presets()
+    width = max((len(p.name) for p in found), default=0)
+    for recipe in recipe_names():
+        print(f"{recipe}:")
+        for preset in (p for p in found if p.recipe == recipe):
+            print(f"  {preset.name:<{width}}  {preset.purpose}")
+    print("run one with: finetune run RECIPE --config PRESET [key=value ...]")
