@@ -26,16 +26,10 @@ from finetune.config import RunConfig, load_config
 from finetune.errors import UserError
 from finetune.model import GPT
 from finetune.next_token import perplexity_table
-from finetune.runs import kept_checkpoint
+from finetune.runs import check_output_dir, kept_checkpoint
 from finetune.serialization import read_meta
 from finetune.trainable import configure_trainable
-from finetune.trainer import (
-    Task,
-    Trainer,
-    check_output_dir,
-    eval_loader,
-    make_accelerator,
-)
+from finetune.trainer import Task, Trainer, environment, eval_loader, make_accelerator
 from finetune.weights import build_model, load_model, load_with_meta
 
 SPLITS = ("train", "val", "test")
@@ -123,6 +117,7 @@ def train(recipe: Recipe, config: RunConfig, quiet: bool = False) -> dict:
                       meta={**setup.meta, "base": base_spec(config)}, quiet=quiet, on_evaluate=setup.on_evaluate)
     fit = trainer.fit()  # ends with the kept weights in trainer.model
     metrics = recipe.evaluate(config, data, trainer.model, read_meta(fit.kept), SPLITS, accelerator, setup.reuse)
+    metrics["environment"] = environment(accelerator)
     if accelerator.is_main_process:
         out = Path(config.output_dir)
         metrics, written = recipe.report(out, config, data, metrics, fit.history,

@@ -1,18 +1,28 @@
-"""Where a run keeps its checkpoints:
+"""A run directory and its life: created or refused, resumed, logged to, and where its checkpoints are.
 
+    <output_dir>/config.yaml                 the resolved run config
+    <output_dir>/metrics.jsonl, metrics.csv  one row per step (train) and per evaluation (val)
     <output_dir>/checkpoints/step-NNNNNNN/   resumable (model, optimizer, RNG, data position)
     <output_dir>/best/                       the model with the best validation metric
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import shutil
+import warnings
 from pathlib import Path
 
+from finetune import checkpoint
 from finetune.checkpoint import recover
+from finetune.config import RunConfig
 from finetune.errors import UserError
+from finetune.training_state import STATE_JSON
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
+METRICS = "metrics.jsonl"
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -43,3 +53,107 @@ def run_of(checkpoint: Path) -> Path | None:
         if (parent / "config.yaml").is_file():
             return parent
     return None
+
+
+# -- the run's life ------------------------------------------------------------------------------
+
+
+def check_output_dir(config: RunConfig) -> None:
+    """Fail before any expensive work if output_dir holds another run (or a different one on resume)."""
+    out = Path(config.output_dir)
+    config_file = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file; choose a directory")
+    if config_file.exists() and not (config.resume or config.overwrite):
+        raise UserError(
+            f"{out} holds a previous run; pass resume=true to continue it, overwrite=true to replace it, "
+            "or choose another output_dir"
+        )
+    if config.resume and config_file.exists() and config_file.read_text() != saved_config(config):
+        raise UserError(f"{config_file}: resume=true needs the same config as the run it continues")
+    dirs = checkpoint_dirs(out)
+    if config.resume and dirs and finished(dirs[-1]):
+        raise UserError(f"{out}: this run already finished; use another output_dir, or overwrite=true to start again")
+
+
+def finished(directory: Path) -> bool:
+    try:
+        return bool(json.loads((directory / STATE_JSON).read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False  # damaged: resume decides what to do with it
+
+
+def saved_config(config: RunConfig) -> str:
+    return config.model_copy(update={"resume": False, "overwrite": False}).to_yaml()
+
+
+def start_run_dir(config: RunConfig) -> None:
+    """Create output_dir with its config.yaml (after `check_output_dir`); with overwrite=true, first
+    remove the previous run's checkpoints and metrics. Never deletes anything on resume."""
+    out = Path(config.output_dir)
+    if config.overwrite:
+        for name in (CHECKPOINTS, BEST, METRICS, "metrics.csv"):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_text_atomic(out / "config.yaml", saved_config(config))
+
+
+def latest_checkpoint(out: Path) -> str | None:
+    """The newest checkpoint whose files match their checksums (damaged ones skipped with a warning)."""
+    dirs = checkpoint_dirs(out)
+    for candidate in reversed(dirs):
+        try:
+            checkpoint.verify(candidate)
+        except checkpoint.CorruptCheckpoint as e:
+            warnings.warn(f"skipping a damaged checkpoint: {e}", stacklevel=4)
+            continue
+        return str(candidate)
+    if dirs:
+        raise UserError(f"{out / CHECKPOINTS}: all {len(dirs)} checkpoints are damaged; "
+                        "start again with overwrite=true")
+    return None
+
+
+# -- metrics files ---------------------------------------------------------------------------------
+
+
+def append_metrics(out: Path, row: dict) -> None:
+    """One row of metrics.jsonl; an evaluation row also rewrites metrics.csv."""
+    with open(Path(out) / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if row["split"] != "train":
+        write_metrics_csv(out)
+
+
+def keep_metrics_until(out: Path, step: int) -> None:
+    """Drop the rows logged after `step` (work lost to a kill, which a resume logs again)."""
+    rows = [r for r in read_metrics(out) if r["step"] <= step]
+    checkpoint.write_text_atomic(Path(out) / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_metrics_csv(out: Path) -> None:
+    rows = read_metrics(out)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = out / ".tmp-metrics.csv"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out / "metrics.csv")
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """Rows of metrics.jsonl; a last line cut short by a kill is dropped (it is logged again on resume)."""
+    path = Path(out) / METRICS
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}:{i + 1}: damaged metrics line; delete the line to continue") from None
+    return rows

@@ -3,19 +3,11 @@
 A recipe hands over a model, datasets, a collate function and a `Task` (how to compute the loss and
 evaluate); the trainer does the rest: device placement, mixed precision, multi-process, gradient
 accumulation, AdamW, the LR schedule, evaluation, keep-best, early stopping, metrics files, and
-resumable checkpoints.
-
-Output directory:
-    config.yaml                 the resolved run config
-    metrics.jsonl, metrics.csv  one row per step (train) and per evaluation (val)
-    checkpoints/step-NNNNNNN/   resumable: model, optimizer, RNG, data position (keep_last of them)
-    best/                       the model with the best validation metric
+resumable checkpoints. What the output directory holds, and its checks, are `finetune.runs`'.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import shutil
@@ -23,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -46,11 +37,22 @@ from finetune import checkpoint
 from finetune.config import RunConfig, TrainSection
 from finetune.errors import UserError
 from finetune.progress import progress
-from finetune.runs import BEST, CHECKPOINTS, checkpoint_dirs, kept_checkpoint
+from finetune.runs import (
+    BEST,
+    CHECKPOINTS,
+    METRICS,
+    append_metrics,
+    check_output_dir,
+    checkpoint_dirs,
+    keep_metrics_until,
+    kept_checkpoint,
+    latest_checkpoint,
+    read_metrics,
+    start_run_dir,
+)
 from finetune.serialization import load_weights, model_files
 from finetune.trainable import parameter_counts
 from finetune.training_state import (
-    STATE_JSON,
     load_training_state,
     rng_state,
     training_state_files,
@@ -136,6 +138,12 @@ def _accelerator(mixed_precision: str | None) -> Accelerator:
         raise UserError(f"train.mixed_precision={mixed_precision}: {' '.join(str(e).split())}") from e
 
 
+def environment(accelerator: Accelerator) -> dict:
+    """How the run really ran, after accelerate's launch settings: recorded in metrics.json."""
+    return {"mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+            "processes": accelerator.num_processes}
+
+
 def set_tf32(device: torch.device, enabled: bool) -> None:
     """TF32 matmuls (10-bit mantissa, fp32 range) for fp32 work on CUDA GPUs that have them: several
     times the fp32 throughput, at about bf16-autocast accuracy for the products. CPUs are left alone."""
@@ -176,8 +184,11 @@ class Trainer:
         trainable, total = parameter_counts(model)
         if trainable == 0:
             raise UserError("no parameter is trainable; check finetune.trainable")
-        if accelerator.is_main_process:  # shown even with --quiet: the one thing every run should state
+        if accelerator.is_main_process:  # shown even with --quiet: what every run should state
             tqdm.write(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)", file=sys.stderr)
+            where = environment(accelerator)
+            tqdm.write(f"running on {where['device']}, {where['processes']} process(es), mixed precision "
+                       f"{where['mixed_precision']}", file=sys.stderr)
         self.optimizer = adamw(model, self.train_cfg.lr, self.train_cfg.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -208,7 +219,7 @@ class Trainer:
         kept = Path(self._main_decides(lambda: str(kept_checkpoint(self.out))))
         # End holding the kept (best) weights, as they are evaluated next: no second model in memory.
         load_weights(self.accelerator.unwrap_model(self.model), kept)
-        return FitResult(kept, self.state, _read_jsonl(self.out / "metrics.jsonl"))
+        return FitResult(kept, self.state, read_metrics(self.out))
 
     def _loop(self, bar) -> None:
         cfg = self.train_cfg
@@ -380,27 +391,12 @@ class Trainer:
             raise UserError(answer[1])
         return answer[0]
 
-    def _latest_checkpoint(self) -> str | None:
-        """The newest checkpoint whose files match their checksums (damaged ones skipped with a warning)."""
-        dirs = checkpoint_dirs(self.out)
-        for candidate in reversed(dirs):
-            try:
-                checkpoint.verify(candidate)
-            except checkpoint.CorruptCheckpoint as e:
-                warnings.warn(f"skipping a damaged checkpoint: {e}", stacklevel=3)
-                continue
-            return str(candidate)
-        if dirs:
-            raise UserError(f"{self.out / CHECKPOINTS}: all {len(dirs)} checkpoints are damaged; "
-                            "start again with overwrite=true")
-        return None
-
     def _resume(self) -> None:
-        latest = self._main_decides(self._latest_checkpoint)
+        latest = self._main_decides(lambda: latest_checkpoint(self.out))
         if latest is None:
             self._print(f"resume=true: no checkpoint in {self.out / CHECKPOINTS}; starting from the beginning")
             if self.accelerator.is_main_process:
-                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+                (self.out / METRICS).unlink(missing_ok=True)
             return
         latest = Path(latest)
         document = load_training_state(latest, self.optimizer, self.accelerator.process_index, self.world,
@@ -408,24 +404,15 @@ class Trainer:
         load_weights(self.accelerator.unwrap_model(self.model), latest)
         self.state = TrainState(**{k: document[k] for k in asdict(TrainState()) if k in document})
         self._print(f"resuming from {latest} (step {self.state.step}, epoch {self.state.epoch + 1})")
-        # Rows logged after that checkpoint belong to lost work; they are logged again.
-        rows = [r for r in _read_jsonl(self.out / "metrics.jsonl") if r["step"] <= self.state.step]
-        if self.accelerator.is_main_process:
-            checkpoint.write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if self.accelerator.is_main_process:  # rows logged after that checkpoint belong to lost work
+            keep_metrics_until(self.out, self.state.step)
 
     def _prepare_output_dir(self) -> None:
         """Refuse to overwrite another run unless asked to; never delete anything on resume."""
         check_output_dir(self.config)
-        config_file = self.out / "config.yaml"
-        saved = _saved_config(self.config)
         self.accelerator.wait_for_everyone()  # every process has checked before the main one writes
         if self.accelerator.is_main_process:
-            if self.config.overwrite:
-                for name in (CHECKPOINTS, BEST, "metrics.jsonl", "metrics.csv"):
-                    path = self.out / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            self.out.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_text_atomic(config_file, saved)
+            start_run_dir(self.config)
         self.accelerator.wait_for_everyone()
 
     # -- output -----------------------------------------------------------------------------------
@@ -435,74 +422,16 @@ class Trainer:
             return
         row = {"step": self.state.step, "epoch": self.state.epoch + self.state.batches_in_epoch / self.batches_per_epoch,
                f"{self.task.unit}_seen": self.state.seen, **row}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if row["split"] != "train":
-            write_metrics_csv(self.out)
+        append_metrics(self.out, row)
 
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process and not self.quiet:
             tqdm.write(message, file=sys.stderr)
 
 
-def check_output_dir(config: RunConfig) -> None:
-    """Fail before any expensive work if output_dir holds another run (or a different one on resume)."""
-    out = Path(config.output_dir)
-    config_file = out / "config.yaml"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} is a file; choose a directory")
-    if config_file.exists() and not (config.resume or config.overwrite):
-        raise UserError(
-            f"{out} holds a previous run; pass resume=true to continue it, overwrite=true to replace it, "
-            "or choose another output_dir"
-        )
-    if config.resume and config_file.exists() and config_file.read_text() != _saved_config(config):
-        raise UserError(f"{config_file}: resume=true needs the same config as the run it continues")
-    dirs = checkpoint_dirs(out)
-    if config.resume and dirs and _finished(dirs[-1]):
-        raise UserError(f"{out}: this run already finished; use another output_dir, or overwrite=true to start again")
-
-
-def _finished(directory: Path) -> bool:
-    try:
-        return bool(json.loads((directory / STATE_JSON).read_text()).get("finished"))
-    except (OSError, ValueError):
-        return False  # damaged: resume decides what to do with it
-
-
-def _saved_config(config: RunConfig) -> str:
-    return config.model_copy(update={"resume": False, "overwrite": False}).to_yaml()
-
-
 def eval_loader(dataset: Dataset, batch_size: int, collate: Callable[[list], dict]) -> DataLoader:
     """Fixed order, and a generator of its own so that evaluating never moves the global RNG."""
     return DataLoader(dataset, batch_size, shuffle=False, collate_fn=collate, generator=torch.Generator())
-
-
-def write_metrics_csv(out: Path) -> None:
-    rows = _read_jsonl(out / "metrics.jsonl")
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = out / ".tmp-metrics.csv"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out / "metrics.csv")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Rows of metrics.jsonl; a last line cut short by a kill is dropped (it is logged again on resume)."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise UserError(f"{path}:{i + 1}: damaged metrics line; delete the line to continue") from None
-    return rows
 
 
 @contextmanager

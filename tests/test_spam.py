@@ -71,7 +71,9 @@ def test_run_writes_metrics_plots_and_eval_reproduces_them(tmp_path, data, capsy
     code, _, err = cli(capsys, *tiny_spam_args(data, out))
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"train", "val", "test", "baseline"}
+    assert set(metrics) == {"train", "val", "test", "baseline", "environment"}
+    assert metrics["environment"] == {"mixed_precision": "no", "device": "cpu", "processes": 1}
+    assert "running on cpu, 1 process(es), mixed precision no" in err
     for key in ("accuracy", "loss", "f1", "precision", "recall", "confusion_matrix"):
         assert key in metrics["test"]
     assert set(metrics["baseline"]) == {"train", "val", "test"}
@@ -274,3 +276,15 @@ def test_schedule_early_stopping_bf16_and_last_position(tmp_path, data, capsys):
     config = json.loads((out / "best" / "config.json").read_text())
     assert config["pool"] == "last_position" and config["task"] == "classification"
     assert json.loads((out / "metrics.json").read_text())["val"]["accuracy"] == max(accuracies)
+
+
+def test_a_run_records_the_precision_accelerate_was_launched_with(tmp_path, data, capsys, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` sets this variable; config.yaml keeps the user's null,
+    metrics.json says what ran."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, *tiny_spam_args(data, out, "train.epochs=1"))
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["environment"]["mixed_precision"] == "bf16"
+    assert "mixed_precision: null" in (out / "config.yaml").read_text()
+    assert "mixed precision bf16" in err

@@ -17,7 +17,8 @@ from finetune.errors import UserError
 from finetune.losses import IGNORE, next_token_loss
 from finetune.runs import checkpoint_dirs
 from finetune.serialization import load_weights
-from finetune.trainer import Trainer, make_accelerator, write_metrics_csv
+from finetune.runs import write_metrics_csv
+from finetune.trainer import Trainer, make_accelerator
 
 
 class Toy(nn.Module):
