@@ -8,7 +8,9 @@ JSON error shape with a 4xx status naming the field, and the server keeps servin
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import sys
 import threading
@@ -38,6 +40,7 @@ from finetune.replies import ChatChoice, Completion, Run, stream_reply
 from finetune.respond import prompt_tokens
 from finetune.tokenizer import encode, get_tokenizer
 
+GRACE_SECONDS = 3  # after Ctrl-C, replies in flight get this long to finish
 MAX_BODY = 1 << 20  # bytes; a request body beyond it is refused with 413
 MAX_TEXTS = 256  # texts per classification request
 
@@ -59,6 +62,7 @@ def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8):
             engine.close()
 
     app = FastAPI(title=f"finetune: {served.name}", lifespan=lifespan)
+    app.state.engine = engine
     classify_lock = threading.Lock()
     created = int(time.time())
     context = (served.model.gpt if served.classifier else served.model).config.context_length
@@ -107,7 +111,7 @@ def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8):
     async def models() -> dict:
         card = {"id": served.name, "object": "model", "created": created, "owned_by": "finetune",
                 "task": "text-classification" if served.classifier else "text-generation",
-                "context_length": context, "prompt_style": served.interface.prompt_style or "plain"}
+                "context_length": context, "prompt_style": served.interface.prompt_style}  # null: messages are continued as text
         if served.classifier:
             card["labels"] = served.meta["labels"]
         return {"object": "list", "data": [card]}
@@ -289,6 +293,7 @@ def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16:
     import uvicorn
 
     with socket.socket() as probe:  # a clear error for a busy port, before the model loads
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
         try:
             probe.bind((host, port))
         except OSError as e:
@@ -298,4 +303,21 @@ def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16:
     kind = "classifier" if served.classifier else "language model"
     print(f"finetune: serving {served.name} ({kind}) at http://{host}:{port}/ (OpenAI API under /v1); Ctrl-C stops",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Ctrl-C lets replies in flight finish for a few seconds, then ends them; the tasks that stopping
+    # cancels are not errors, so their tracebacks are not printed.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_SECONDS)
+    logging.getLogger("uvicorn.error").addFilter(_not_a_shutdown)
+    try:
+        uvicorn.Server(config).run()
+    finally:  # a second Ctrl-C skips the app's shutdown: the decoding thread still has to end
+        if app.app.state.engine is not None:
+            app.app.state.engine.close()
+
+
+def _not_a_shutdown(record: logging.LogRecord) -> bool:
+    """False for the record of a task cancelled (or interrupted) because the server is stopping: logged with
+    the exception, or (the lifespan's "shutdown failed") with its traceback as the message."""
+    error = record.exc_info[0] if record.exc_info else None
+    if error and issubclass(error, (asyncio.CancelledError, KeyboardInterrupt)):
+        return False
+    return not str(record.msg).rstrip().endswith(("CancelledError", "KeyboardInterrupt"))

@@ -191,6 +191,11 @@ def test_stop_strings_and_seeds(lm):
     sampled = [api.completions.create(model="tiny", prompt="The", max_tokens=8, temperature=1.0, top_p=0.9, seed=s)
                .choices[0].text for s in (7, 7, 8)]
     assert sampled[0] == sampled[1] != sampled[2]
+    # What lm-evaluation-harness sends: its task's stop strings plus end-of-text, five in all; the largest seed.
+    stops = ["\n\n", "Question:", "</s>", "<|im_end|>", stop]
+    reply = api.completions.create(model="tiny", prompt=[PROMPTS[0]] * 2, max_tokens=20, temperature=0, stop=stops,
+                                   seed=2**63 - 1)
+    assert [c.text for c in reply.choices] == [full[:full.index(stop)]] * 2
 
 
 BAD = [
@@ -211,6 +216,8 @@ BAD = [
     ("classify a language model", "/v1/classify", {"input": "x"}, None, 400, "model"),
     ("oversized body", "/v1/completions", None, b'{"prompt": "' + b"x" * (2 << 20) + b'"}', 413, None),
     ("no such route", "/v1/engines", {}, None, 404, None),
+    ("seed beyond 64 bits", "/v1/completions", {"prompt": "x", "seed": 2**64}, None, 400, "seed"),
+    ("17 stop strings", "/v1/completions", {"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, None, 400, "stop"),
 ]
 
 
@@ -367,6 +374,48 @@ def served_checkpoint(tmp_path_factory):
     yield url, directory
     process.send_signal(signal.SIGINT)
     process.wait(timeout=30)
+
+
+def test_ctrl_c_twice_stops_the_server_mid_stream_without_a_traceback(tmp_path):
+    """The first Ctrl-C gives replies in flight a few seconds; a second stops at once. Either way the user
+    sees one line, not the tracebacks of cancelled tasks or of the decoding thread."""
+    from finetune.checkpoint import write_directory
+    from finetune.serialization import model_files
+
+    write_directory(tmp_path / "tiny", model_files(tiny_lm(seed=3), {}))
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(tmp_path / "tiny"), "--port", str(port)],
+                               stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.1)
+
+    def stream() -> None:
+        body = json.dumps({"prompt": "The", "max_tokens": 250, "stream": True}).encode()
+        try:
+            urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", body, {"content-type": "application/json"})).read()
+        except Exception:  # the reply is cut short: that is the point
+            pass
+
+    streams = [threading.Thread(target=stream) for _ in range(4)]
+    for t in streams:
+        t.start()
+    while json.loads(urllib.request.urlopen(url + "/health").read())["active"] < 4:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 130
+    err = process.stderr.read()
+    assert "Traceback" not in err and "Event loop is closed" not in err and "terminate called" not in err, err
+    assert err.splitlines()[-1] == "finetune: interrupted"
+    for t in streams:
+        t.join(timeout=30)
 
 
 def test_serve_command_answers_as_generate_does(served_checkpoint, capsys):
