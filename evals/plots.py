@@ -11,13 +11,15 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_curves(history: list[dict], path: Path, metric: str | None = None, seen: str | None = None) -> None:
-    """Train and validation loss against steps; beside it one validation metric (e.g. accuracy), or
-    the loss against what training has seen (`seen="tokens"`: the book's tokens-seen axis)."""
+def plot_curves(history: list[dict], path: Path, metric: str | Sequence[str] | None = None, seen: str | None = None) -> None:
+    """Train and validation loss against steps; beside it validation metrics (e.g. accuracy; also the
+    training values where steps log them), or the loss against what training has seen (`seen="tokens"`:
+    the book's tokens-seen axis)."""
     train = [r for r in history if r["split"] == "train"]
     val = [r for r in history if r["split"] == "val"]
-    second = metric if metric and any(metric in r for r in val) else None
-    panels = 1 + bool(seen) + bool(second)
+    wanted = [metric] if isinstance(metric, str) else list(metric or [])
+    shown_metrics = [m for m in wanted if any(m in r for r in val)]
+    panels = 1 + bool(seen) + len(shown_metrics)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
     for ax, x in zip(axes[0], ["step", f"{seen}_seen"] if seen else ["step"]):
         shown = [[r for r in rows if x in r] for rows in (train, val)]  # rows of an older version lack a count
@@ -25,10 +27,14 @@ def plot_curves(history: list[dict], path: Path, metric: str | None = None, seen
         ax.plot([r[x] for r in shown[1]], [r["loss"] for r in shown[1]], "o-", label="validation")
         ax.set(xlabel=x.replace("_", " "), ylabel="loss", title="Loss")
         ax.legend()
-    if second:
-        ax = axes[0][-1]
-        ax.plot([r["step"] for r in val], [r[second] for r in val], "o-", color="tab:green")
-        ax.set(xlabel="step", ylabel=second, title=f"Validation {second}")
+    for ax, name in zip(axes[0][panels - len(shown_metrics):], shown_metrics):
+        logged = [r for r in train if name in r]
+        if logged:
+            ax.plot([r["step"] for r in logged], [r[name] for r in logged], label="train", alpha=0.6)
+        ax.plot([r["step"] for r in val], [r[name] for r in val], "o-", color="tab:green", label="validation")
+        ax.set(xlabel="step", ylabel=name, title=f"Validation {name}" if not logged else name)
+        if logged:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

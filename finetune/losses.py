@@ -75,3 +75,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
         return scale(grad_hidden), scale(grad_weight), None, None, None
+
+
+def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """Each sequence's log-probability of its targets (IGNORE = skip), summed or averaged per target:
+    what preference tuning compares. Only the rows with a target are projected onto the vocabulary."""
+    hidden = model(input_ids, return_hidden=True)
+    keep = targets != IGNORE
+    head = getattr(model, "module", model).lm_head  # the GPT itself under DistributedDataParallel
+    logits = head(hidden[keep]).float()
+    picked = logits.gather(1, targets[keep][:, None]).squeeze(1) - logits.logsumexp(dim=1)
+    rows = keep.nonzero()[:, 0]
+    total = torch.zeros(len(input_ids), dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
+    return total / keep.sum(dim=1).clamp(min=1) if mean else total

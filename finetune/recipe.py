@@ -54,6 +54,7 @@ class Recipe(ABC, Generic[C, D]):
     name: str
     Config: type[C]
     presets: Path | None = None  # the directory of this recipe's preset YAML files
+    merge_start: bool = False  # True: a start model's LoRA adapter is folded into the base, not trained on
 
     @abstractmethod
     def prepare(self, config: C) -> D:
@@ -100,9 +101,11 @@ def language_model(config: RunConfig) -> GPT:
     return model
 
 
-def base_spec(config: RunConfig) -> dict:
-    """How to rebuild the base model under an adapter: its name, or (random init) the seed that made it."""
-    return {"name": config.model.name, "init": config.model.init, "seed": config.train.seed}
+def base_spec(config: RunConfig, merged: bool = False) -> dict:
+    """How to rebuild the base model under an adapter: its name, or (random init) the seed that made it;
+    `merged`: the adapter the base came with is folded in (preference tuning starts from it so)."""
+    return {"name": config.model.name, "init": config.model.init, "seed": config.train.seed,
+            **({"merged": True} if merged else {})}
 
 
 def train(recipe: Recipe, config: RunConfig, quiet: bool = False) -> dict:
@@ -114,7 +117,7 @@ def train(recipe: Recipe, config: RunConfig, quiet: bool = False) -> dict:
     model = configure_trainable(recipe.build_model(config, data), config)
     setup = recipe.setup(config, data, model, accelerator, quiet)
     trainer = Trainer(config, accelerator, model, setup.task, setup.train, setup.val, setup.collate,
-                      meta={**setup.meta, "base": base_spec(config)}, quiet=quiet, on_evaluate=setup.on_evaluate)
+                      meta={**setup.meta, "base": base_spec(config, recipe.merge_start)}, quiet=quiet, on_evaluate=setup.on_evaluate)
     fit = trainer.fit()  # ends with the kept weights in trainer.model
     metrics = recipe.evaluate(config, data, trainer.model, read_meta(fit.kept), SPLITS, accelerator, setup.reuse)
     metrics["environment"] = environment(accelerator)

@@ -66,8 +66,9 @@ class Task(Protocol):
     """What a recipe teaches the trainer."""
 
     unit: str  # what `count` counts ("tokens", "examples"): the progress bar shows it per second
-    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        """Sum (not mean) of the per-target losses in `batch`."""
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Sum (not mean) of the per-target losses in `batch`; or a dict of it (`loss`) and other sums
+        over the targets (rewards, say), which the trainer logs per target with each step's loss."""
 
     def count(self, batch: dict) -> float:
         """Number of targets in `batch` (examples, or unmasked tokens), from host data the collate
@@ -180,6 +181,7 @@ class Trainer:
         self.world = accelerator.num_processes
         self.received: list[int] = []  # signals this process received (set by fit)
         self.stop_signal: int | None = None  # a SIGINT/SIGTERM seen by any process, agreed at a step's end
+        self.step_extras: dict[str, float] = {}  # the task's other sums of the last step, per target
 
         trainable, total = parameter_counts(model)
         if trainable == 0:
@@ -234,7 +236,7 @@ class Trainer:
                 self.state.step += 1
                 self.state.seen += targets
                 self.state.batches_in_epoch += len(micro)
-                row = {"split": "train", "loss": loss, "lr": lr}
+                row = {"split": "train", "loss": loss, **self.step_extras, "lr": lr}
                 if self.state.nonfinite_skipped:
                     row["nonfinite_skipped"] = self.state.nonfinite_skipped
                 self._log(row)
@@ -281,13 +283,19 @@ class Trainer:
         self.model.train()
         count = float(sum(self.task.count(b) for b in micro))
         loss_sum = torch.zeros((), device=acc.device)
+        extra_sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
             sync = acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
             with sync:
                 with acc.autocast():  # the task's own computation too (e.g. the chunked vocabulary loss)
-                    loss = self.task.loss(self.model, batch)
+                    out = self.task.loss(self.model, batch)
+                loss, extras = (out, {}) if isinstance(out, torch.Tensor) else (out["loss"], out)
                 acc.backward(loss * self.world)  # DDP averages gradients over processes: × world makes it a sum
             loss_sum += loss.detach().float()
+            for name, value in extras.items():
+                if name != "loss":
+                    extra_sums[name] = extra_sums.get(name, 0) + value.detach().double()
+        self.step_extras = {}
         fp16 = acc.mixed_precision == "fp16"
         if fp16:
             acc.unscale_gradients()  # the loss scaler's factor out before the norm is taken
@@ -295,8 +303,12 @@ class Trainer:
         host = torch.tensor([count, signal.SIGINT in self.received, signal.SIGTERM in self.received],
                             dtype=torch.float64, device=acc.device)
         # DDP left the same gradients on every process: their norm² sums to world × norm².
-        device_side = torch.stack([loss_sum.double(), torch.nn.utils.get_total_norm(grads).double().square()])
-        total, sigint, sigterm, loss_total, norm_sq = acc.reduce(torch.cat([host, device_side]), reduction="sum").tolist()
+        names = sorted(extra_sums)
+        device_side = torch.stack([loss_sum.double(), torch.nn.utils.get_total_norm(grads).double().square(),
+                                   *(extra_sums[n] for n in names)])
+        total, sigint, sigterm, loss_total, norm_sq, *extra_totals = acc.reduce(
+            torch.cat([host, device_side]), reduction="sum").tolist()
+        self.step_extras = {n: v / total for n, v in zip(names, extra_totals)}
         if sigint or sigterm:
             self.stop_signal = signal.SIGINT if sigint else signal.SIGTERM
         loss = loss_total / total

@@ -339,6 +339,8 @@ def _load_adapter_model(directory: Path, dropout: float) -> tuple[torch.nn.Modul
         base, adapter = meta["base"], meta["adapter"]
         expected = _gpt_config(meta, where)
         gpt = rebuild_base(base, dropout)
+        if base.get("merged") and lora_layers(gpt):
+            gpt = merged_model(gpt)  # the run started from the base with its adapter folded in
     except KeyError as e:
         raise UserError(f"{where}: missing entry {e}") from e
     shape = (gpt.gpt if isinstance(gpt, GPTClassifier) else gpt).config

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.cli import main
 from finetune.data import SMS_SPAM, bundled
+
+from finetune.cli import main
 
 
 def small_spam_file(path: Path, per_label: int = 40) -> Path:
@@ -20,6 +21,7 @@ def small_spam_file(path: Path, per_label: int = 40) -> Path:
 def classifier_for(config, labels=("ham", "spam")):
     """The classifier a classification run builds for `config`, trainable parts chosen."""
     from finetune.recipes.classification import RECIPE, LabelledData
+
     from finetune.trainable import configure_trainable
 
     return configure_trainable(RECIPE.build_model(config, LabelledData({}, list(labels))), config)

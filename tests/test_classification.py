@@ -3,17 +3,22 @@ weights, per-class metrics, batch predictions."""
 
 import json
 
+import finetune.recipes.classification as classification
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from finetune.recipes.classification import (
+    RECIPE,
+    ClassificationConfig,
+    ClassificationTask,
+    class_weights,
+)
 from sklearn.metrics import precision_recall_fscore_support
 from sklearn.utils.class_weight import compute_class_weight
 
-import finetune.recipes.classification as classification
 from finetune.config import load_config
-from finetune.recipes.classification import RECIPE, ClassificationConfig, ClassificationTask, class_weights
 from finetune.tables import read_table
 from tests.helpers import TEAMS, cli, ticket_frame, tiny_classification_args
 

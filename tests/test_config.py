@@ -1,12 +1,12 @@
 """Typed configs: YAML + overrides, errors that name the key and the file line."""
 
 import pytest
+from finetune.recipes import PRESETS
+from finetune.recipes.spam import SpamConfig
 
 from finetune.config import load_config
 from finetune.errors import UserError
-from finetune.recipes import PRESETS
 from finetune.registry import load_run_config
-from finetune.recipes.spam import SpamConfig
 from tests.helpers import cli, one_line_error
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from finetune.recipes.classification import ClassificationTask
 from safetensors.torch import load_file
 
 from finetune.checkpoint import CorruptCheckpoint, verify
-from finetune.recipes.classification import ClassificationTask
 from tests.helpers import cli, one_line_error, small_spam_file, tiny_spam_args
 
 RUNNER = Path(__file__).parent / "fault_runner.py"

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from finetune.data import INSTRUCTIONS, bundled
+from finetune.recipes.instruct import Collate, Example, InstructData, read_instructions
 from rouge_score import rouge_scorer
 from safetensors.torch import load_file
 
 from finetune import load_pretrained
-from finetune.data import INSTRUCTIONS, bundled
 from finetune.errors import UserError
 from finetune.prompts import format_prompt
-from finetune.recipes.instruct import Collate, Example, InstructData, read_instructions
 from finetune.records import Record, read_records, split_records
 from finetune.tokenizer import EOT_ID
 from finetune.weights import build_model, load_model

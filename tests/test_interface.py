@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from finetune.data import INSTRUCTIONS, bundled
 
 from finetune.checkpoint import write_directory
 from finetune.cli import main
-from finetune.data import INSTRUCTIONS, bundled
 from finetune.interface import Generation, interface_meta
 from finetune.model import GPT, GPTConfig
 from finetune.prompts import format_prompt

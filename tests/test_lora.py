@@ -6,22 +6,28 @@ import sys
 
 import pytest
 import torch
+from finetune.recipes.classification import ClassificationTask, encode_splits
+from finetune.recipes.spam import RECIPE, SpamConfig
 from safetensors.torch import load_file
 
 from finetune import GPT, GPTConfig, load_pretrained
 from finetune.checkpoint import write_directory
+from finetune.classification_inputs import Collate
 from finetune.classifier import GPTClassifier
 from finetune.config import load_config
 from finetune.errors import UserError
 from finetune.lora import LoRALinear, apply_lora, merge_lora, unmerge_lora
-from finetune.classification_inputs import Collate
-from finetune.recipes.classification import ClassificationTask, encode_splits
-from finetune.recipes.spam import RECIPE, SpamConfig
 from finetune.serialization import model_files
 from finetune.trainable import parameter_counts
 from finetune.trainer import Trainer, make_accelerator
 from finetune.weights import load_model
-from tests.helpers import classifier_for, cli, one_line_error, small_spam_file, tiny_spam_args
+from tests.helpers import (
+    classifier_for,
+    cli,
+    one_line_error,
+    small_spam_file,
+    tiny_spam_args,
+)
 
 ALL_BLOCK_LINEARS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
 IDX = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -9,10 +9,10 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 import finetune.data
+import pytest
 from finetune.data import SMS_SPAM, bundled
+
 from finetune.registry import config_path, presets
 from tests.helpers import cli, one_line_error
 

@@ -352,6 +352,22 @@ def test_load_with_bad_requests_mixed_in(lm):
 # -- the command, the judge client and the page -------------------------------------------------------
 
 
+def serve_command(directory) -> tuple[subprocess.Popen, str]:
+    """`finetune serve DIRECTORY` in its own process, once it answers."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(directory), "--port", str(port)],
+                               stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return process, url
+        except OSError:
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.1)
+    raise AssertionError("finetune serve did not answer within a minute")
+
+
 @pytest.fixture(scope="module")
 def served_checkpoint(tmp_path_factory):
     """`finetune serve` in its own process, on a checkpoint `finetune generate` reads too."""
@@ -360,17 +376,7 @@ def served_checkpoint(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("served") / "tiny"
     write_directory(directory, model_files(tiny_lm(seed=3), {}))
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(directory), "--port", str(port)],
-                               stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            assert process.poll() is None, process.stderr.read()
-            time.sleep(0.1)
+    process, url = serve_command(directory)
     yield url, directory
     process.send_signal(signal.SIGINT)
     process.wait(timeout=30)
@@ -383,17 +389,7 @@ def test_ctrl_c_twice_stops_the_server_mid_stream_without_a_traceback(tmp_path):
     from finetune.serialization import model_files
 
     write_directory(tmp_path / "tiny", model_files(tiny_lm(seed=3), {}))
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(tmp_path / "tiny"), "--port", str(port)],
-                               stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            assert process.poll() is None, process.stderr.read()
-            time.sleep(0.1)
+    process, url = serve_command(tmp_path / "tiny")
 
     def stream() -> None:
         body = json.dumps({"prompt": "The", "max_tokens": 250, "stream": True}).encode()

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
+from finetune.data import SMS_SPAM, bundled
+from finetune.recipes.spam import RECIPE, SpamConfig
 from safetensors.torch import load_file
 
-from finetune.data import SMS_SPAM, bundled
 from finetune.registry import load_run_config
-from finetune.recipes.spam import RECIPE, SpamConfig
 from finetune.tables import read_table
 from finetune.trainer import Trainer
 from finetune.weights import load_model

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from finetune.data import THE_VERDICT, bundled
 from safetensors.torch import load_file
 
 import finetune.corpus as corpus
-from finetune.data import THE_VERDICT, bundled
 from finetune.errors import UserError
 from finetune.tokenizer import get_tokenizer
 from tests.helpers import assert_same_files, cli, one_line_error, run_killed_and_resumed

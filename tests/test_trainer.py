@@ -15,9 +15,8 @@ from finetune import GPT, GPTConfig
 from finetune.config import RunConfig, load_config
 from finetune.errors import UserError
 from finetune.losses import IGNORE, next_token_loss
-from finetune.runs import checkpoint_dirs
+from finetune.runs import checkpoint_dirs, write_metrics_csv
 from finetune.serialization import load_weights
-from finetune.runs import write_metrics_csv
 from finetune.trainer import Trainer, make_accelerator
 
 

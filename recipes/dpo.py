@@ -1,0 +1,380 @@
+"""Preference tuning with Direct Preference Optimization (Rafailov et al., 2023; the book's chapter 7 bonus).
+
+config -> data (instruction/input with a `chosen` and a `rejected` response, prompted in the
+instruct recipe's prompt style, split 85/10/5 in file order as the book does) -> model (the start
+checkpoint, typically an instruct run; its LoRA adapter merged in, so a LoRA run here trains a new
+one) -> reference (the start, frozen: its log-probabilities of every pair are computed once, kept in
+the run directory, and no second model is held while training) -> train (the DPO loss, optionally
+plus the chosen response's next-token loss) -> evaluate (loss and TRL's rewards/logps metrics) ->
+report (test-split responses, as the instruct recipe writes them, and the curves).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from finetune.data import PREFERENCES, bundled
+from finetune.evals.plots import plot_curves
+from finetune.recipes import PRESETS
+from finetune.recipes.instruct import (
+    GenerationSection,
+    InstructData,
+    model_interface,
+    response_markdown,
+    test_responses,
+)
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from finetune.checkpoint import write_text_atomic
+from finetune.config import Float, ModelSection, RunConfig, Section
+from finetune.errors import UserError
+from finetune.losses import IGNORE, sequence_logprobs
+from finetune.recipe import Recipe, Setup, evaluate_splits
+from finetune.records import Record, read_fields, split_records
+from finetune.respond import prompt_tokens
+from finetune.tokenizer import EOT_ID, get_tokenizer
+from finetune.trainer import eval_loader
+
+REFERENCE_FILE = "reference_logps.safetensors"
+SPLITS = ("train", "val", "test")
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+class PreferenceData(InstructData):
+    path: str | None = Field(None, description="JSON list, JSONL, CSV or Parquet file; null = the book's 1,100 "
+                                               "preference records")
+    chosen_field: str = Field("chosen", description="the preferred response")
+    rejected_field: str = Field("rejected", description="the dispreferred response")
+    output_field: str = Field("chosen", description="the reference the test responses are scored against")
+    mask_prompt: Literal[True] = Field(True, description="DPO compares responses: the prompt never counts")
+
+
+class DPOSection(Section):
+    beta: Float = Field(0.1, gt=0.0, description="how far the policy may move from the reference")
+    logprob_reduction: Literal["sum", "mean"] = Field(
+        "sum", description="a response's log-probability: summed over its tokens (the paper, TRL) or averaged "
+                           "per token (the book's notebook)")
+    sft_weight: Float = Field(0.0, ge=0.0, description="adds this times the chosen response's mean next-token "
+                                                       "loss (against the likelihood of both responses collapsing)")
+
+
+class DPOConfig(RunConfig):
+    recipe: Literal["dpo"] = "dpo"
+    output_dir: str = "runs/dpo"
+    model: ModelSection = ModelSection(name="runs/instruct")
+    data: PreferenceData = PreferenceData()
+    dpo: DPOSection = DPOSection()
+    generation: GenerationSection = GenerationSection()
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    record: Record  # the instruction, its input, and `chosen` as the reference output
+    chosen: str
+    rejected: str
+    where: str  # file and record, for errors
+
+
+def read_pairs(data: PreferenceData) -> list[Pair]:
+    """Preference records, checked: both responses present and non-empty; identical ones counted."""
+    path = Path(data.path) if data.path is not None else bundled(PREFERENCES)
+    hint = "set data.{}_field if your file names it differently".format
+    columns = {"instruction": (data.instruction_field, hint("instruction"), True),
+               "input": (data.input_field, hint("input"), False),
+               "chosen": (data.chosen_field, hint("chosen"), True),
+               "rejected": (data.rejected_field, hint("rejected"), True),
+               "output": (data.output_field, hint("output"), False)}
+    pairs, same = [], []
+    for row in read_fields(path, data.format, columns, "data.path (a JSON list, JSONL, CSV or Parquet file)"):
+        for name in ("instruction", "chosen", "rejected"):
+            if not row[name].strip():
+                raise UserError(f"{row['where']}: empty '{columns[name][0]}'; every record needs an instruction "
+                                "and two responses")
+        if row["chosen"] == row["rejected"]:
+            same.append(row["where"])
+        record = Record(row["instruction"], row["input"], row["output"] or row["chosen"])
+        pairs.append(Pair(record, row["chosen"], row["rejected"], row["where"]))
+    if same:
+        warnings.warn(f"{path}: {len(same)} record(s) with chosen equal to rejected, e.g. {same[0]}: they teach "
+                      "nothing (their loss stays ln 2)", stacklevel=2)
+    return pairs
+
+
+@dataclass
+class Encoded:
+    """One pair's token ids: prompt + chosen and prompt + rejected, each with its end-of-text."""
+
+    chosen: list[int]
+    rejected: list[int]
+    prompt_length: int
+
+
+def encode_pairs(pairs: list[Pair], style: str, max_length: int) -> list[Encoded]:
+    """Prompt + response + end-of-text, cut to `max_length`; a prompt that leaves no room is refused."""
+    tokenizer = get_tokenizer()
+    encoded = []
+    for pair in pairs:
+        prompt = prompt_tokens(pair.record, style)
+        if len(prompt) >= max_length:
+            raise UserError(f"{pair.where}: the prompt is {len(prompt)} tokens, leaving no room for a response in "
+                            f"{max_length} (data.max_length or the context); shorten it or raise data.max_length")
+        encoded.append(Encoded(*(prompt + tokenizer.encode_ordinary(text) + [EOT_ID] for text in (pair.chosen, pair.rejected)),
+                               prompt_length=len(prompt)))
+    return encoded
+
+
+class Collate:
+    """A batch of pairs as one batch of sequences, chosen rows first: right-padded, with targets -100
+    on the prompt and the padding, so only the response and its end-of-text count. Each example is
+    (pair, its reference log-probabilities (chosen, rejected), or None before they are known)."""
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+
+    def __call__(self, batch: list[tuple[Encoded, torch.Tensor | None]]) -> dict:
+        rows = [e.chosen for e, _ in batch] + [e.rejected for e, _ in batch]
+        starts = [e.prompt_length for e, _ in batch] * 2
+        width = min(max(map(len, rows)), self.max_length + 1)
+        inputs, targets = [], []
+        for ids, start in zip(rows, starts):
+            ids = ids[: width]
+            padded = ids + [EOT_ID] * (width - len(ids))
+            target = padded[1:]
+            target[: start - 1] = [IGNORE] * (start - 1)
+            target[len(ids) - 1 :] = [IGNORE] * (width - len(ids))
+            inputs.append(padded[:-1])
+            targets.append(target)
+        out = {"input_ids": torch.tensor(inputs), "targets": torch.tensor(targets), "count": len(batch)}
+        if batch[0][1] is not None:
+            out["reference"] = torch.stack([ref for _, ref in batch])
+        return out
+
+
+# -- the loss -------------------------------------------------------------------------------------
+
+
+def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Per pair, from (pairs, 2) log-probabilities (chosen, rejected) of the policy and the reference:
+    the loss -logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))) and TRL's metrics."""
+    rewards = beta * (policy - reference)
+    margin = rewards[:, 0] - rewards[:, 1]
+    return {"loss": -F.logsigmoid(margin), "rewards/chosen": rewards[:, 0], "rewards/rejected": rewards[:, 1],
+            "rewards/margins": margin, "rewards/accuracies": (margin > 0).to(margin.dtype),
+            "logps/chosen": policy[:, 0], "logps/rejected": policy[:, 1]}
+
+
+class DPOTask:
+    """The DPO loss summed over pairs, and its metrics (summed here, per pair in the logs)."""
+
+    unit = "pairs"
+
+    def __init__(self, beta: float, mean: bool, sft_weight: float) -> None:
+        self.beta, self.mean, self.sft_weight = beta, mean, sft_weight
+
+    def terms(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        pairs = batch["count"]
+        logps = sequence_logprobs(model, batch["input_ids"], batch["targets"], self.mean)
+        policy = torch.stack([logps[:pairs], logps[pairs:]], dim=1)
+        terms = dpo_terms(policy, batch["reference"].to(policy.dtype), self.beta)
+        if self.sft_weight:
+            chosen = batch["targets"][:pairs]
+            mean_logp = logps[:pairs] if self.mean else logps[:pairs] / (chosen != IGNORE).sum(1).clamp(min=1)
+            terms["sft_loss"] = -mean_logp
+            terms["loss"] = terms["loss"] + self.sft_weight * terms["sft_loss"]
+        return terms
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        return {name: value.sum() for name, value in self.terms(model, batch).items()}
+
+    def count(self, batch: dict) -> int:
+        return batch["count"]
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader, accelerator: Accelerator) -> dict:
+        model.eval()
+        names = None
+        total = None
+        for batch in loader:
+            with accelerator.autocast():
+                terms = self.terms(model, batch)
+            names = names or sorted(terms)
+            sums = torch.stack([terms[n].double().sum() for n in names] + [torch.tensor(float(batch["count"]),
+                                                                                        dtype=torch.float64, device=terms["loss"].device)])
+            total = sums if total is None else total + sums
+        totals = accelerator.reduce(total, reduction="sum").tolist()
+        pairs = totals[-1]
+        return {**{n: v / pairs for n, v in zip(names, totals)}, "pairs": int(pairs)}
+
+
+# -- the reference ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_logps(model: torch.nn.Module, encoded: list[Encoded], max_length: int, mean: bool, batch_size: int,
+                    accelerator: Accelerator, quiet: bool = True) -> torch.Tensor:
+    """(pairs, 2) log-probabilities of the chosen and rejected responses under `model` as it is now,
+    computed as training computes the policy's (the accelerator's device and autocast)."""
+    was_training = model.training
+    model.eval()
+    loader = eval_loader([(e, None) for e in encoded], batch_size, Collate(max_length))
+    found = []
+    for batch in tqdm(loader, "reference", disable=quiet, leave=False):
+        with accelerator.autocast():
+            logps = sequence_logprobs(model, batch["input_ids"].to(accelerator.device),
+                                      batch["targets"].to(accelerator.device), mean)
+        n = batch["count"]
+        found.append(torch.stack([logps[:n], logps[n:]], dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(found)
+
+
+def reference_for(config: DPOConfig, model, encoded: dict[str, list[Encoded]], max_length: int,
+                  accelerator: Accelerator, quiet: bool) -> dict[str, torch.Tensor]:
+    """The start model's log-probabilities of every split's pairs: computed once by the main process
+    before the first step and kept in the run directory, where a resumed run (and `finetune eval`)
+    finds them, so no second model is ever held."""
+    path = Path(config.output_dir) / REFERENCE_FILE
+    fingerprint = _fingerprint_of(config, encoded)
+    with accelerator.main_process_first():
+        if path.is_file() and _stored_fingerprint(path) == fingerprint and (config.resume or not accelerator.is_main_process):
+            return load_file(str(path))
+        batch_size = config.train.eval_batch_size or config.train.batch_size
+        mean = config.dpo.logprob_reduction == "mean"
+        found = {split: reference_logps(model, pairs, max_length, mean, batch_size, accelerator, quiet)
+                 for split, pairs in encoded.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}")
+        save_file(found, str(tmp), metadata={"fingerprint": fingerprint})
+        tmp.replace(path)
+        return found
+
+
+def stored_reference(config: DPOConfig, encoded: dict[str, list[Encoded]]) -> dict[str, torch.Tensor] | None:
+    """A finished run's reference log-probabilities, if they were computed for this data and start."""
+    path = Path(config.output_dir) / REFERENCE_FILE
+    if path.is_file() and _stored_fingerprint(path) == _fingerprint_of(config, encoded):
+        return load_file(str(path))
+    return None
+
+
+def _fingerprint_of(config: DPOConfig, encoded: dict[str, list[Encoded]]) -> str:
+    """What the reference log-probabilities depend on: the start model, the data and how they are reduced."""
+    import hashlib
+
+    digest = hashlib.sha256(repr({s: [(e.chosen, e.rejected, e.prompt_length) for e in pairs]
+                                  for s, pairs in sorted(encoded.items())}).encode()).hexdigest()
+    return repr((config.model.name, config.model.init, config.train.seed, config.dpo.logprob_reduction, digest))
+
+
+def _stored_fingerprint(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("fingerprint")
+
+
+# -- the recipe ---------------------------------------------------------------------------------
+
+
+class DPO(Recipe[DPOConfig, dict]):
+    name, Config, presets = "dpo", DPOConfig, PRESETS
+    merge_start = True  # the start's adapter is folded in: it is the reference, and a LoRA run trains a new one
+
+    def prepare(self, config: DPOConfig) -> dict[str, list[Pair]]:
+        return split_records(read_pairs(config.data), config.data.train_fraction, config.data.test_fraction)
+
+    def build_model(self, config: DPOConfig, data: dict) -> torch.nn.Module:
+        from finetune.lora import lora_layers, merged_model
+
+        model = super().build_model(config, data)
+        return merged_model(model) if lora_layers(model) else model
+
+    def setup(self, config: DPOConfig, data: dict[str, list[Pair]], model, accelerator: Accelerator, quiet: bool) -> Setup:
+        context = model.config.context_length
+        max_length = min(config.data.max_length or context, context)
+        encoded = {split: encode_pairs(data[split], config.data.prompt_style, max_length) for split in SPLITS}
+        reference = reference_for(config, model.to(accelerator.device), encoded, max_length, accelerator, quiet)
+        if accelerator.is_main_process:
+            tqdm.write(f"preference pairs: {len(encoded['train']):,} train, {len(encoded['val']):,} val, "
+                       f"{len(encoded['test']):,} test; the start model's log-probabilities of them are in "
+                       f"{Path(config.output_dir) / REFERENCE_FILE}", file=sys.stderr)
+        examples = {split: list(zip(encoded[split], reference[split])) for split in SPLITS}
+        meta = {"max_length": max_length, **model_interface(config)}
+        return Setup(examples["train"], examples["val"], Collate(max_length), task_of(config), meta,
+                     reuse={"examples": examples})
+
+    def evaluate(self, config: DPOConfig, data: dict[str, list[Pair]], model, meta: dict, splits: tuple[str, ...],
+                 accelerator: Accelerator, reuse: dict) -> dict:
+        """The DPO metrics of each split, against the start model's log-probabilities (kept in the run
+        directory; computed again from the start checkpoint if they are gone)."""
+        examples = reuse.get("examples")
+        if examples is None:
+            encoded = {split: encode_pairs(data[split], config.data.prompt_style, meta["max_length"]) for split in SPLITS}
+            reference = stored_reference(config, encoded)
+            if reference is None:
+                start = self.build_model(config, data).to(accelerator.device)
+                reference = {split: reference_logps(start, encoded[split], meta["max_length"],
+                                                    config.dpo.logprob_reduction == "mean",
+                                                    config.train.eval_batch_size or config.train.batch_size, accelerator)
+                             for split in SPLITS}
+                del start
+            examples = {split: list(zip(encoded[split], reference[split])) for split in SPLITS}
+        batch_size = config.train.eval_batch_size or config.train.batch_size
+        return evaluate_splits(task_of(config), model, {s: (examples[s], Collate(meta["max_length"])) for s in splits},
+                               batch_size, accelerator)
+
+    def report(self, out: Path, config: DPOConfig, data: dict[str, list[Pair]], metrics: dict, history: list[dict],
+               model, quiet: bool) -> tuple[dict, list[str]]:
+        """Responses to the test split (scored against the chosen ones); report.md and curves.png."""
+        responses = test_responses(model, [p.record for p in data["test"]], config, out, metrics, quiet)
+        write_text_atomic(out / "report.md", report_markdown(config, metrics, responses))
+        plot_curves(history, out / "curves.png", metric=["rewards/margins", "rewards/accuracies"])
+        return metrics, ["responses.jsonl", "report.md", "curves.png"]
+
+    def summary_table(self, metrics: dict) -> str:
+        rows = [f"{'':<8}{'loss':>8}{'margin':>9}{'accuracy':>10}{'chosen':>9}{'rejected':>10}"]
+        for split in ("train", "val", "test"):
+            if split in metrics:
+                m = metrics[split]
+                rows.append(f"{split:<8}{m['loss']:>8.4f}{m['rewards/margins']:>9.3f}{m['rewards/accuracies']:>10.1%}"
+                            f"{m['rewards/chosen']:>9.3f}{m['rewards/rejected']:>10.3f}")
+        if "responses" in metrics:
+            r = metrics["responses"]
+            rows.append(f"test responses: ROUGE-L {r['rouge_l']:.3f} against the chosen ones (n={r['n']})")
+        return "\n".join(rows)
+
+
+RECIPE = DPO()
+
+
+def task_of(config: DPOConfig) -> DPOTask:
+    return DPOTask(config.dpo.beta, config.dpo.logprob_reduction == "mean", config.dpo.sft_weight)
+
+
+def report_markdown(config: DPOConfig, metrics: dict, responses: list[dict]) -> str:
+    lines = [f"# Preference tuning (DPO): {config.model.name} ({config.finetune.trainable})", "",
+             f"beta {config.dpo.beta}, log-probabilities {config.dpo.logprob_reduction}med over response tokens"
+             f"{f', sft_weight {config.dpo.sft_weight}' if config.dpo.sft_weight else ''}.", "",
+             "| split | loss | " + " | ".join(METRICS) + " |", "| --- " * (len(METRICS) + 2) + "|"]
+    for split in ("train", "val", "test"):
+        if split in metrics:
+            lines.append(f"| {split} | {metrics[split]['loss']:.4f} | "
+                         + " | ".join(f"{metrics[split][m]:.4f}" for m in METRICS) + " |")
+    lines += ["", f"ln 2 = {math.log(2):.4f}: the loss of a policy equal to its reference."]
+    return "\n".join(lines + response_markdown(metrics, responses))
