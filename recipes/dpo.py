@@ -111,7 +111,8 @@ def read_pairs(data: PreferenceData) -> list[Pair]:
         record = Record(row["instruction"], row["input"], row["output"] or row["chosen"])
         pairs.append(Pair(record, row["chosen"], row["rejected"], row["where"]))
     if same:
-        warnings.warn(f"{path}: {len(same)} record(s) with chosen equal to rejected, e.g. {same[0]}: they teach "
+        example = same[0].removeprefix(str(path)).lstrip(": ")
+        warnings.warn(f"{path}: {len(same)} record(s) with chosen equal to rejected, e.g. {example}: they teach "
                       "nothing (their loss stays ln 2)", stacklevel=2)
     return pairs
 
