@@ -15,14 +15,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name, in_own_process, peak_mib  # benchmarks/ is this script's directory
+from common import (  # benchmarks/ is this script's directory
+    cpu_name,
+    in_own_process,
+    peak_mib,
+)
 
 CASES = [("instruct", "all"), ("dpo", "all"), ("instruct", "lora"), ("dpo", "lora")]
 
 
 def one_run(recipe: str, trainable: str, preset: str, pairs: int, max_length: int, records: int) -> dict:
-    from finetune.cli import main
     from finetune.data import PREFERENCES, bundled
+
+    from finetune.cli import main
 
     root = Path(tempfile.mkdtemp())
     data = root / "prefs.json"
@@ -61,7 +66,7 @@ def main() -> None:
     print(f"# Peak memory, DPO beside instruction tuning: {args.preset} (random init), {2 * args.pairs} sequences "
           f"of up to {args.max_length} tokens a step, fp32, CPU: {cpu_name()}")
     print(f"# one copy of the weights: {weights_mib(args.preset):,.0f} MiB (what a reference model held in memory would add)")
-    print(f"| recipe | trainable | peak RSS (MiB) | steps | seconds |")
+    print("| recipe | trainable | peak RSS (MiB) | steps | seconds |")
     print("| --- | --- | --- | --- | --- |")
     for recipe, trainable in CASES:
         result = in_own_process(__file__, "--preset", args.preset, "--pairs", str(args.pairs), "--max-length",

@@ -14,7 +14,12 @@ import statistics
 import time
 
 import torch
-from common import cpu_name, in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
+from common import (  # benchmarks/ is this script's directory
+    cpu_name,
+    in_own_process,
+    matmul_peak,
+    peak_mib,
+)
 from train_step import BLOCK_MATMUL, N_LAYER, VOCAB, D
 
 IMPLEMENTATIONS = ("transformers generate", "ours, KV cache", "ours, no cache")

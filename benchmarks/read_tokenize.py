@@ -19,7 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name, in_own_process, peak_mib  # benchmarks/ is this script's directory
+from common import (  # benchmarks/ is this script's directory
+    cpu_name,
+    in_own_process,
+    peak_mib,
+)
 
 WORDS = ("invoice charge refund payment card parcel courier delivery tracking return exchange label error crash "
          "login password email profile quote discount pricing please help my order today the again thanks").split()
@@ -38,8 +42,9 @@ def write_csv(path: Path, rows: int) -> None:
 
 def measure(path: str, how: str) -> None:
     """In its own process: read + check every row, then tokenize; prints one JSON object."""
-    from finetune.classification_inputs import tokenize
     from finetune.recipes.classification import ClassificationData, read_labelled
+
+    from finetune.classification_inputs import tokenize
     from finetune.tables import read_table
     from finetune.tokenizer import get_tokenizer
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import statistics
 import threading
 import time
 import urllib.request

@@ -20,16 +20,22 @@ import tempfile
 import time
 
 import torch
-from common import cpu_name, in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
+from common import (  # benchmarks/ is this script's directory
+    cpu_name,
+    in_own_process,
+    matmul_peak,
+    peak_mib,
+)
 
 D, N_LAYER = 768, 12
 BLOCK = 24 * D * D  # forward matmul FLOPs of one block per token (qkv 6d², proj 2d², MLP 16d²)
 
 
 def spam_config(output_dir: str, epochs: int, precision: str):
+    from finetune.recipes.spam import SpamConfig
+
     from finetune.config import load_config
     from finetune.registry import config_path
-    from finetune.recipes.spam import SpamConfig
 
     config_file = config_path("spam")
     mixed = "bf16" if precision == "bf16" else "no"
@@ -89,8 +95,9 @@ def run_flops(config, lengths: dict[str, list[int]], cached: bool) -> float:
 
 
 def run_ours(config) -> dict:
-    from finetune.recipe import train
     from finetune.recipes.spam import RECIPE
+
+    from finetune.recipe import train
 
     metrics = train(RECIPE, config, quiet=True)
     return {"test_accuracy": metrics["test"]["accuracy"]}
@@ -99,11 +106,11 @@ def run_ours(config) -> dict:
 def run_transformers(config) -> dict:
     """The same work as a plain PyTorch loop over transformers' GPT2ForSequenceClassification."""
     import torch.nn.functional as F
+    from finetune.recipes.classification import encode_splits
+    from finetune.recipes.spam import RECIPE
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     from finetune.classification_inputs import Collate
-    from finetune.recipes.classification import encode_splits
-    from finetune.recipes.spam import RECIPE
 
     torch.manual_seed(config.train.seed)
     model = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=50256))

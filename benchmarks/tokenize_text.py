@@ -18,7 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name, in_own_process, peak_mib  # benchmarks/ is this script's directory
+from common import (  # benchmarks/ is this script's directory
+    cpu_name,
+    in_own_process,
+    peak_mib,
+)
 
 FILES = 100
 

@@ -20,7 +20,12 @@ import statistics
 import time
 
 import torch
-from common import cpu_name, in_own_process, matmul_peak, peak_mib  # benchmarks/ is this script's directory
+from common import (  # benchmarks/ is this script's directory
+    cpu_name,
+    in_own_process,
+    matmul_peak,
+    peak_mib,
+)
 
 METHODS = ("full", "last_block", "lora", "instruct")
 SHAPES = {"full": (8, 128), "last_block": (8, 128), "lora": (8, 128), "instruct": (4, 256)}  # batch, length

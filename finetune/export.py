@@ -23,6 +23,13 @@ from safetensors.torch import save_file
 from finetune.checkpoint import write_directory
 from finetune.classifier import GPTClassifier
 from finetune.errors import UserError
+from finetune.gguf_format import (
+    GGUF_FILE,
+    MODELFILE,
+    gguf_module,
+    modelfile,
+    write_gguf,
+)
 from finetune.hf_layout import (
     hf_config,
     hf_module,
@@ -46,24 +53,27 @@ from finetune.runs import resolve, run_of
 from finetune.serialization import FORMAT, model_state, read_config
 from finetune.weights import SEQUENCE_CLASSIFIER, hub_id, load_with_meta, rebuild_base
 
-FORMATS = ("transformers", "peft")
+FORMATS = ("transformers", "peft", "gguf")
 Files = dict[str, Callable[[Path], None]]
 
 
-def export(source: Path, out: Path, fmt: str = "transformers") -> Path:
-    """Write `source` (a run, or a checkpoint) to the new directory `out`; returns the checkpoint exported."""
+def export(source: Path, out: Path, fmt: str = "transformers", dtype: str = "f32") -> Path:
+    """Write `source` (a run, a checkpoint, or any model finetune loads) to the new directory `out`;
+    returns what was exported. `dtype`: the GGUF's matrices (f32, f16 or q8_0)."""
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} exists; export writes a new directory (choose another, or remove it first)")
-    if not Path(source).exists():
+    checkpoint = resolve(Path(source)) if Path(source).exists() else source  # else a hub id, or the loader's error
+    if fmt != "gguf" and not Path(source).exists():
         raise UserError(f"{source}: no such run or checkpoint directory")
-    checkpoint = resolve(Path(source))
     model, meta = load_with_meta(checkpoint)
-    run_dir = run_of(checkpoint)
+    run_dir = run_of(checkpoint) if Path(source).exists() else None
     if fmt == "transformers":
         files = _transformers_files(model, meta, run_dir, out)
     elif fmt == "peft":
         files = _peft_files(model, meta, run_dir, out)
+    elif fmt == "gguf":
+        files = _gguf_files(model, meta, dtype, (run_dir or Path(str(source))).name)
     else:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     write_directory(out, files)
@@ -142,6 +152,19 @@ def _label_config(meta: dict) -> dict:
     return {"id2label": {str(i): name for i, name in enumerate(labels)},
             "label2id": {name: i for i, name in enumerate(labels)},
             "pad_token_id": 50256, "problem_type": "single_label_classification"}
+
+
+# -- gguf ----------------------------------------------------------------------------------------
+
+
+def _gguf_files(model: torch.nn.Module, meta: dict, dtype: str, name: str) -> Files:
+    if isinstance(model, GPTClassifier):
+        raise UserError("a classifier cannot be exported to GGUF: llama.cpp has no GPT-2 classification head "
+                        "(export it with --format transformers)")
+    gguf_module()  # a missing package is reported before anything is written
+    model = merged_model(model)
+    return {GGUF_FILE: lambda path: write_gguf(model, meta, path, dtype, name),
+            MODELFILE: lambda path: path.write_text(modelfile(meta), encoding="utf-8")}
 
 
 # -- peft ----------------------------------------------------------------------------------------

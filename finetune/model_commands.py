@@ -79,11 +79,14 @@ def add_commands(commands) -> None:
     merge.add_argument("out_dir", help="new directory for model.safetensors + config.json")
     merge.set_defaults(func=run_merge)
 
-    exp = commands.add_parser("export", help="write a run's model for transformers (merged) or peft (a LoRA run's adapter)")
-    exp.add_argument("source", help="run directory or checkpoint directory")
+    exp = commands.add_parser("export", help="write a model for transformers (merged), peft (a LoRA run's adapter), "
+                                             "or llama.cpp and Ollama (GGUF)")
+    exp.add_argument("source", help="run or checkpoint directory (gguf: " + MODEL_HELP + ")")
     exp.add_argument("out_dir", help="new directory to write")
-    exp.add_argument("--format", choices=["transformers", "peft"], default="transformers",
-                     help="transformers: a model from_pretrained loads, adapters merged in; peft: the LoRA adapter on its base")
+    exp.add_argument("--format", choices=["transformers", "peft", "gguf"], default="transformers",
+                     help="transformers: a model from_pretrained loads, adapters merged in; peft: the LoRA adapter on its "
+                          "base; gguf: model.gguf for llama.cpp and an Ollama Modelfile beside it")
+    exp.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="gguf: the weight matrices' type")
     exp.set_defaults(func=run_export)
 
 
@@ -201,5 +204,9 @@ def run_export(args: argparse.Namespace) -> None:
 
     from finetune.export import export
 
-    source = export(Path(args.source), Path(args.out_dir), args.format)
-    print(f"exported {source} to {args.out_dir} ({args.format})")
+    source = export(Path(args.source), Path(args.out_dir), args.format, args.dtype)
+    print(f"exported {source} to {args.out_dir} ({args.format}{f', {args.dtype}' if args.format == 'gguf' else ''})")
+    if args.format == "gguf":
+        name = Path(args.out_dir).resolve().name.lower()
+        print(f"run it: ollama create {name} -f {Path(args.out_dir) / 'Modelfile'} && ollama run {name}\n"
+              f"    or: llama-cli -m {Path(args.out_dir) / 'model.gguf'}")
