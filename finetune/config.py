@@ -93,6 +93,9 @@ class TrainSection(Section):
     best_mode: Literal["min", "max"] = "min"
     patience: int | None = Field(None, ge=1, description="stop after N evaluations without improvement")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient stops the run, or skips the batch")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        [], description="experiment trackers that get the config, every metric and the plots (each an extra: "
+                        "pip install \"finetune-gpt2[tensorboard]\")")
 
 
 class FinetuneSection(Section):

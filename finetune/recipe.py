@@ -28,6 +28,7 @@ from finetune.model import GPT
 from finetune.next_token import perplexity_table
 from finetune.runs import check_output_dir, kept_checkpoint
 from finetune.serialization import read_meta
+from finetune.trackers import check_trackers, log_final
 from finetune.trainable import configure_trainable
 from finetune.trainer import Task, Trainer, environment, eval_loader, make_accelerator
 from finetune.weights import build_model, load_model, load_with_meta
@@ -111,6 +112,7 @@ def base_spec(config: RunConfig, merged: bool = False) -> dict:
 def train(recipe: Recipe, config: RunConfig, quiet: bool = False) -> dict:
     """Run `recipe` with `config` from data to report; returns the metrics written to metrics.json."""
     check_output_dir(config)
+    check_trackers(config.train.report_to)
     data = recipe.prepare(config)
     accelerator = make_accelerator(config.train)
     torch.manual_seed(config.train.seed)
@@ -126,6 +128,7 @@ def train(recipe: Recipe, config: RunConfig, quiet: bool = False) -> dict:
         metrics, written = recipe.report(out, config, data, metrics, fit.history,
                                          accelerator.unwrap_model(trainer.model), quiet)
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+        log_final(accelerator, metrics, out, [name for name in written if name.endswith(".png")], fit.state.step)
         if not quiet:
             print(recipe.summary_table(metrics))
             print(f"results in {out}/: {', '.join(['metrics.json', *written])}")

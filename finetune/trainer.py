@@ -51,6 +51,7 @@ from finetune.runs import (
     start_run_dir,
 )
 from finetune.serialization import load_weights, model_files
+from finetune.trackers import log_row, start_trackers
 from finetune.trainable import parameter_counts
 from finetune.training_state import (
     load_training_state,
@@ -209,6 +210,7 @@ class Trainer:
         set_seed(cfg.seed + self.accelerator.process_index)
         if self.config.resume:
             self._resume()
+        start_trackers(self.accelerator, self.config, self.state.step)
         bar = progress(None, "training", quiet=self.quiet or not self.accelerator.is_main_process,
                        total=self.total_steps, initial=self.state.step)
         with _signals_to_flag() as self.received:
@@ -435,6 +437,7 @@ class Trainer:
         row = {"step": self.state.step, "epoch": self.state.epoch + self.state.batches_in_epoch / self.batches_per_epoch,
                f"{self.task.unit}_seen": self.state.seen, **row}
         append_metrics(self.out, row)
+        log_row(self.accelerator, row, self.state.step)
 
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process and not self.quiet:
