@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -26,11 +27,18 @@ from finetune.config import RunConfig, load_config
 from finetune.errors import UserError
 from finetune.model import GPT
 from finetune.next_token import perplexity_table
-from finetune.runs import check_output_dir, kept_checkpoint
+from finetune.runs import STATE_FILE, check_output_dir, kept_checkpoint, mark_state
 from finetune.serialization import read_meta
 from finetune.trackers import check_trackers, log_final
 from finetune.trainable import configure_trainable
-from finetune.trainer import Task, Trainer, environment, eval_loader, make_accelerator
+from finetune.trainer import (
+    Interrupted,
+    Task,
+    Trainer,
+    environment,
+    eval_loader,
+    make_accelerator,
+)
 from finetune.weights import build_model, load_model, load_with_meta
 
 SPLITS = ("train", "val", "test")
@@ -120,19 +128,37 @@ def train(recipe: Recipe, config: RunConfig, quiet: bool = False) -> dict:
     setup = recipe.setup(config, data, model, accelerator, quiet)
     trainer = Trainer(config, accelerator, model, setup.task, setup.train, setup.val, setup.collate,
                       meta={**setup.meta, "base": base_spec(config, recipe.merge_start)}, quiet=quiet, on_evaluate=setup.on_evaluate)
-    fit = trainer.fit()  # ends with the kept weights in trainer.model
-    metrics = recipe.evaluate(config, data, trainer.model, read_meta(fit.kept), SPLITS, accelerator, setup.reuse)
-    metrics["environment"] = environment(accelerator)
-    if accelerator.is_main_process:
-        out = Path(config.output_dir)
-        metrics, written = recipe.report(out, config, data, metrics, fit.history,
-                                         accelerator.unwrap_model(trainer.model), quiet)
-        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-        log_final(accelerator, metrics, out, [name for name in written if name.endswith(".png")], fit.state.step)
-        if not quiet:
-            print(recipe.summary_table(metrics))
-            print(f"results in {out}/: {', '.join(['metrics.json', *written])}")
+    out = Path(config.output_dir)
+    with recorded_state(out, accelerator.is_main_process):
+        fit = trainer.fit()  # ends with the kept weights in trainer.model
+        metrics = recipe.evaluate(config, data, trainer.model, read_meta(fit.kept), SPLITS, accelerator, setup.reuse)
+        metrics["environment"] = environment(accelerator)
+        if accelerator.is_main_process:
+            metrics, written = recipe.report(out, config, data, metrics, fit.history,
+                                             accelerator.unwrap_model(trainer.model), quiet)
+            write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+            log_final(accelerator, metrics, out, [name for name in written if name.endswith(".png")], fit.state.step)
+            if not quiet:
+                print(recipe.summary_table(metrics))
+                print(f"results in {out}/: {', '.join(['metrics.json', *written])}")
     return metrics
+
+
+@contextmanager
+def recorded_state(out: Path, main: bool):
+    """The run's state in its directory (`finetune runs` reads it): finished, interrupted or failed."""
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt):
+        if main and (out / STATE_FILE).is_file():
+            mark_state(out, "interrupted")
+        raise
+    except BaseException as e:
+        if main and (out / STATE_FILE).is_file():
+            mark_state(out, "failed", f"{type(e).__name__}: {' '.join(str(e).split())}")
+        raise
+    if main:
+        mark_state(out, "finished")
 
 
 def evaluate_run(recipe: Recipe, out: Path, splits: tuple[str, ...], other: str | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Commands that train and re-evaluate: `run`, `validate`, `eval` and `recipes`. Recipes are found
+"""Commands that train, re-evaluate and compare: `run`, `validate`, `eval`, `recipes` and `runs`. Recipes are found
 through their entry points (`finetune.registry`); parsing needs nothing heavy."""
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ def add_commands(commands) -> None:
 
     rec = commands.add_parser("recipes", help="list recipes and their preset configs")
     rec.set_defaults(func=run_list)
+
+    runs = commands.add_parser("runs", help="compare the runs under a directory in one table")
+    runs.add_argument("directory", nargs="?", default="runs", help="where to look for runs (default: runs)")
+    runs.add_argument("--sort", help="a column to sort by, e.g. test.accuracy or val.loss")
+    runs.add_argument("--descending", action="store_true", help="largest first")
+    out = runs.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON list")
+    out.add_argument("--csv", action="store_true", help="CSV")
+    runs.set_defaults(func=run_runs)
 
 
 def run_recipe(args: argparse.Namespace) -> None:
@@ -68,3 +77,13 @@ def run_list(args: argparse.Namespace) -> None:
         for preset in (p for p in found if p.recipe == recipe):
             print(f"  {preset.name:<{width}}  {preset.purpose}")
     print("run one with: finetune run RECIPE --config PRESET [key=value ...]")
+
+
+def run_runs(args: argparse.Namespace) -> None:
+    import json
+
+    from finetune.runs_table import as_csv, as_text, runs_table
+
+    rows = runs_table(args.directory, args.sort, args.descending)
+    print(json.dumps(rows, indent=2) if args.json else as_csv(rows) if args.csv else as_text(rows, args.sort),
+          end="" if args.csv else "\n")

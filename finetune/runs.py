@@ -157,3 +157,41 @@ def read_metrics(out: Path) -> list[dict]:
             if i < len(lines) - 1:
                 raise UserError(f"{path}:{i + 1}: damaged metrics line; delete the line to continue") from None
     return rows
+
+
+# -- the run's state -----------------------------------------------------------------------------------
+
+STATE_FILE = "run_state.json"
+
+
+def mark_state(out: Path, state: str, error: str | None = None) -> None:
+    """Record how the run stands (running, finished, interrupted, failed) and the seconds it has run, over
+    every resume; a run killed outright stays `running` with a process id that no longer lives."""
+    import os
+    import time
+
+    path = Path(out) / STATE_FILE
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    now = time.time()
+    if state == "running":
+        record = {"state": state, "pid": os.getpid(), "segment_start": now, "seconds": previous.get("seconds", 0.0)}
+    else:
+        seconds = previous.get("seconds", 0.0) + now - previous.get("segment_start", now)
+        record = {"state": state, "seconds": seconds, **({"error": error} if error else {})}
+    checkpoint.write_text_atomic(path, json.dumps(record, indent=2))
+
+
+def run_state(out: Path) -> dict:
+    """The recorded state, with `running` told apart from a run whose process is gone (interrupted)."""
+    import os
+
+    path = Path(out) / STATE_FILE
+    if not path.is_file():
+        return {"state": "finished" if (Path(out) / "metrics.json").is_file() else "interrupted", "seconds": None}
+    record = json.loads(path.read_text())
+    if record["state"] == "running":
+        try:
+            os.kill(record["pid"], 0)
+        except (OSError, KeyError):
+            record["state"] = "interrupted"
+    return record

@@ -47,6 +47,7 @@ from finetune.runs import (
     keep_metrics_until,
     kept_checkpoint,
     latest_checkpoint,
+    mark_state,
     read_metrics,
     start_run_dir,
 )
@@ -427,6 +428,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()  # every process has checked before the main one writes
         if self.accelerator.is_main_process:
             start_run_dir(self.config)
+            mark_state(self.out, "running")
         self.accelerator.wait_for_everyone()
 
     # -- output -----------------------------------------------------------------------------------
