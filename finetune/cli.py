@@ -55,8 +55,9 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
-        if unknown and hasattr(args, "overrides") and not any(u.startswith("-") for u in unknown):
-            args.overrides += unknown  # key=value overrides given after an option; checked with the config
+        listed = next((name for name in ("overrides", "params") if hasattr(args, name)), None)
+        if unknown and listed and not any(u.startswith("-") for u in unknown):
+            getattr(args, listed).extend(unknown)  # key=value items given after an option; checked with the config
         elif unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # argparse has printed its one line (or --help); return, do not raise

@@ -64,6 +64,7 @@ class Recipe(ABC, Generic[C, D]):
     Config: type[C]
     presets: Path | None = None  # the directory of this recipe's preset YAML files
     merge_start: bool = False  # True: a start model's LoRA adapter is folded into the base, not trained on
+    metric_names: tuple[str, ...] = ("loss", "perplexity")  # what `evaluate` reports per split (sweeps check it)
 
     @abstractmethod
     def prepare(self, config: C) -> D:
@@ -117,8 +118,10 @@ def base_spec(config: RunConfig, merged: bool = False) -> dict:
             **({"merged": True} if merged else {})}
 
 
-def train(recipe: Recipe, config: RunConfig, quiet: bool = False) -> dict:
-    """Run `recipe` with `config` from data to report; returns the metrics written to metrics.json."""
+def train(recipe: Recipe, config: RunConfig, quiet: bool = False,
+          observe: Callable[[int, dict], None] | None = None) -> dict:
+    """Run `recipe` with `config` from data to report; returns the metrics written to metrics.json.
+    `observe(step, metrics)` sees every validation (a sweep prunes with it)."""
     check_output_dir(config)
     check_trackers(config.train.report_to)
     data = recipe.prepare(config)
@@ -127,7 +130,7 @@ def train(recipe: Recipe, config: RunConfig, quiet: bool = False) -> dict:
     model = configure_trainable(recipe.build_model(config, data), config)
     setup = recipe.setup(config, data, model, accelerator, quiet)
     trainer = Trainer(config, accelerator, model, setup.task, setup.train, setup.val, setup.collate,
-                      meta={**setup.meta, "base": base_spec(config, recipe.merge_start)}, quiet=quiet, on_evaluate=setup.on_evaluate)
+                      meta={**setup.meta, "base": base_spec(config, recipe.merge_start)}, quiet=quiet, on_evaluate=setup.on_evaluate, observe=observe)
     out = Path(config.output_dir)
     with recorded_state(out, accelerator.is_main_process):
         fit = trainer.fit()  # ends with the kept weights in trainer.model

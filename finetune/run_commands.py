@@ -38,6 +38,24 @@ def add_commands(commands) -> None:
     out.add_argument("--csv", action="store_true", help="CSV")
     runs.set_defaults(func=run_runs)
 
+    sw = commands.add_parser("sweep", help="search config values of a recipe with Optuna; every trial is a run")
+    sw.add_argument("recipe", nargs="?", help="recipe name (or give --spec)")
+    sw.add_argument("params", nargs="*", metavar="key=values",
+                    help="swept settings: key=[a,b,c], or key=uniform(lo,hi) / loguniform(lo,hi) / int(lo,hi)")
+    sw.add_argument("--spec", help="a sweep file (YAML: recipe, config, overrides, parameters, metric, direction, ...) "
+                                   "or a bundled one by name, e.g. spam_ablation")
+    sw.add_argument("--config", help="the preset or YAML file every trial starts from")
+    sw.add_argument("--set", action="append", default=[], metavar="key=value", help="a fixed override for every trial")
+    sw.add_argument("--metric", help="val.NAME or test.NAME, e.g. val.accuracy")
+    sw.add_argument("--direction", choices=["max", "min"])
+    sw.add_argument("--sampler", choices=["grid", "random", "tpe"])
+    sw.add_argument("--trials", type=int, help="trials to run (random, tpe)")
+    sw.add_argument("--out", help="the sweep directory (default: runs/sweep-RECIPE)")
+    sw.add_argument("--storage", help="an Optuna storage URL several machines can share (default: SQLite in --out)")
+    sw.add_argument("--parallel", type=int, default=1, help="trials run at once on this machine")
+    sw.add_argument("--worker", help=argparse.SUPPRESS)  # a worker process of --parallel: its grid points
+    sw.set_defaults(func=run_sweep_command)
+
 
 def run_recipe(args: argparse.Namespace) -> None:
     from finetune.recipe import train
@@ -87,3 +105,25 @@ def run_runs(args: argparse.Namespace) -> None:
     rows = runs_table(args.directory, args.sort, args.descending)
     print(json.dumps(rows, indent=2) if args.json else as_csv(rows) if args.csv else as_text(rows, args.sort),
           end="" if args.csv else "\n")
+
+
+def run_sweep_command(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from finetune.runs_table import as_text, runs_table
+    from finetune.sweep import best_line, run_sweep, run_worker, sweep_from
+
+    sweep = sweep_from(args)
+    if args.worker:
+        job = json.loads(Path(args.worker).read_text())
+        run_worker(sweep, job["points"], job["worker"])
+        return
+    argv = ["sweep", *([sweep.recipe] if args.recipe else []), *args.params, *(["--spec", args.spec] if args.spec else []),
+            *sum((["--" + k, str(v)] for k, v in (("config", args.config), ("metric", args.metric),
+                  ("direction", args.direction), ("sampler", args.sampler), ("trials", args.trials), ("out", args.out),
+                  ("storage", args.storage)) if v is not None), []), *sum((["--set", o] for o in args.set), [])]
+    out = run_sweep(sweep, args.parallel, argv)
+    print(as_text(runs_table(out, sweep.metric, sweep.direction == "max"), sweep.metric))
+    print(best_line(sweep))
+    print(f"the study: {sweep.storage}; the plot: {out / 'sweep.png'}")

@@ -168,6 +168,7 @@ class Trainer:
         meta: dict[str, Any],
         quiet: bool = False,
         on_evaluate: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+        observe: Callable[[int, dict], None] | None = None,
     ) -> None:
         self.config = config
         self.train_cfg = config.train
@@ -178,6 +179,7 @@ class Trainer:
         self.meta = meta  # extra config.json entries for every saved model (labels, max_length, …)
         self.quiet = quiet
         self.on_evaluate = on_evaluate  # after each evaluation (main process): fields for its metrics row
+        self.observe = observe  # after each evaluation (main process): (step, metrics), e.g. a sweep's pruner
         self.out = Path(config.output_dir)
         self.state = TrainState()
         self.world = accelerator.num_processes
@@ -359,6 +361,8 @@ class Trainer:
         if self.on_evaluate is not None and self.accelerator.is_main_process:
             row.update(self.on_evaluate(self.accelerator.unwrap_model(self.model)) or {})
         self._log(row)
+        if self.observe is not None and self.accelerator.is_main_process:
+            self.observe(self.state.step, metrics)
         bar.set_postfix({"val_" + cfg.best_metric: f"{metrics[cfg.best_metric]:.4f}"}, refresh=False)
         value = metrics[cfg.best_metric]
         best = self.state.best_value

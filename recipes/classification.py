@@ -295,6 +295,7 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
     """`bundled`: the data file used when a config names none (the SMS spam preset)."""
 
     presets = PRESETS
+    metric_names = ("accuracy", "f1", "macro_f1", "weighted_f1", "precision", "recall", "loss")
 
     def __init__(self, name: str, config: type[ClassificationConfig], bundled_data: BundledFile | None = None) -> None:
         self.name, self.Config, self.bundled = name, config, bundled_data

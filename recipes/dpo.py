@@ -296,6 +296,7 @@ def _stored_fingerprint(path: Path) -> str | None:
 class DPO(Recipe[DPOConfig, dict]):
     name, Config, presets = "dpo", DPOConfig, PRESETS
     merge_start = True  # the start's adapter is folded in: it is the reference, and a LoRA run trains a new one
+    metric_names = ("loss", *METRICS)
 
     def prepare(self, config: DPOConfig) -> dict[str, list[Pair]]:
         return split_records(read_pairs(config.data), config.data.train_fraction, config.data.test_fraction)
