@@ -11,6 +11,7 @@ checkpoint; using the model afterwards needs no recipe (`finetune.interface`).
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -27,10 +28,17 @@ from finetune.config import RunConfig, load_config
 from finetune.errors import UserError
 from finetune.model import GPT
 from finetune.next_token import perplexity_table
-from finetune.runs import STATE_FILE, check_output_dir, kept_checkpoint, mark_state
+from finetune.run_report import run_report
+from finetune.runs import (
+    STATE_FILE,
+    check_output_dir,
+    kept_checkpoint,
+    mark_state,
+    run_state,
+)
 from finetune.serialization import read_meta
 from finetune.trackers import check_trackers, log_final
-from finetune.trainable import configure_trainable
+from finetune.trainable import configure_trainable, parameter_counts
 from finetune.trainer import (
     Interrupted,
     Task,
@@ -94,6 +102,10 @@ class Recipe(ABC, Generic[C, D]):
         """The metrics a person reads first, as aligned text: by default loss and perplexity per split."""
         return perplexity_table(metrics)
 
+    def report_body(self, config: C, metrics: dict, out: Path) -> list[str]:
+        """The recipe's own section of report.md (Markdown lines), after what every run reports."""
+        return []
+
 
 def evaluate_splits(task: Task, model: torch.nn.Module, splits: dict[str, tuple[Dataset, Callable[[list], dict]]],
                     batch_size: int, accelerator: Accelerator) -> dict[str, dict]:
@@ -137,9 +149,16 @@ def train(recipe: Recipe, config: RunConfig, quiet: bool = False,
         metrics = recipe.evaluate(config, data, trainer.model, read_meta(fit.kept), SPLITS, accelerator, setup.reuse)
         metrics["environment"] = environment(accelerator)
         if accelerator.is_main_process:
-            metrics, written = recipe.report(out, config, data, metrics, fit.history,
-                                             accelerator.unwrap_model(trainer.model), quiet)
+            model = accelerator.unwrap_model(trainer.model)
+            metrics, written = recipe.report(out, config, data, metrics, fit.history, model, quiet)
             write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+            state = run_state(out)
+            seconds = state["seconds"] + time.time() - state.get("segment_start", time.time())
+            plots = [name for name in written if name.endswith(".png")]
+            write_text_atomic(out / "report.md", run_report(
+                recipe.name, config, recipe.summary_table(metrics), {"train": len(setup.train), "val": len(setup.val)},
+                parameter_counts(model), metrics["environment"], seconds, plots, recipe.report_body(config, metrics, out)))
+            written = [*written, "report.md"]
             log_final(accelerator, metrics, out, [name for name in written if name.endswith(".png")], fit.state.step)
             if not quiet:
                 print(recipe.summary_table(metrics))

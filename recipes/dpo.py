@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from finetune.data import PREFERENCES, bundled
+from finetune.evals.generation import read_responses
 from finetune.evals.plots import plot_curves
 from finetune.recipes import PRESETS
 from finetune.recipes.instruct import (
@@ -35,7 +36,6 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from finetune.checkpoint import write_text_atomic
 from finetune.config import Float, ModelSection, RunConfig, Section
 from finetune.errors import UserError
 from finetune.losses import IGNORE, sequence_logprobs
@@ -343,11 +343,13 @@ class DPO(Recipe[DPOConfig, dict]):
 
     def report(self, out: Path, config: DPOConfig, data: dict[str, list[Pair]], metrics: dict, history: list[dict],
                model, quiet: bool) -> tuple[dict, list[str]]:
-        """Responses to the test split (scored against the chosen ones); report.md and curves.png."""
-        responses = test_responses(model, [p.record for p in data["test"]], config, out, metrics, quiet)
-        write_text_atomic(out / "report.md", report_markdown(config, metrics, responses))
+        """Responses to the test split (scored against the chosen ones); curves.png."""
+        test_responses(model, [p.record for p in data["test"]], config, out, metrics, quiet)
         plot_curves(history, out / "curves.png", metric=["rewards/margins", "rewards/accuracies"])
-        return metrics, ["responses.jsonl", "report.md", "curves.png"]
+        return metrics, ["responses.jsonl", "curves.png"]
+
+    def report_body(self, config: DPOConfig, metrics: dict, out: Path) -> list[str]:
+        return report_body(config, metrics, read_responses(out / "responses.jsonl"))
 
     def summary_table(self, metrics: dict) -> str:
         rows = [f"{'':<8}{'loss':>8}{'margin':>9}{'accuracy':>10}{'chosen':>9}{'rejected':>10}"]
@@ -369,9 +371,8 @@ def task_of(config: DPOConfig) -> DPOTask:
     return DPOTask(config.dpo.beta, config.dpo.logprob_reduction == "mean", config.dpo.sft_weight)
 
 
-def report_markdown(config: DPOConfig, metrics: dict, responses: list[dict]) -> str:
-    lines = [f"# Preference tuning (DPO): {config.model.name} ({config.finetune.trainable})", "",
-             f"beta {config.dpo.beta}, log-probabilities {config.dpo.logprob_reduction}med over response tokens"
+def report_body(config: DPOConfig, metrics: dict, responses: list[dict]) -> list[str]:
+    lines = ["## Preference metrics", "", f"beta {config.dpo.beta}, log-probabilities {config.dpo.logprob_reduction}med over response tokens"
              f"{f', sft_weight {config.dpo.sft_weight}' if config.dpo.sft_weight else ''}.", "",
              "| split | loss | " + " | ".join(METRICS) + " |", "| --- " * (len(METRICS) + 2) + "|"]
     for split in ("train", "val", "test"):
@@ -379,4 +380,4 @@ def report_markdown(config: DPOConfig, metrics: dict, responses: list[dict]) -> 
             lines.append(f"| {split} | {metrics[split]['loss']:.4f} | "
                          + " | ".join(f"{metrics[split][m]:.4f}" for m in METRICS) + " |")
     lines += ["", f"ln 2 = {math.log(2):.4f}: the loss of a policy equal to its reference."]
-    return "\n".join(lines + response_markdown(metrics, responses))
+    return lines + response_markdown(metrics, responses)

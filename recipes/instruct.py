@@ -16,18 +16,17 @@ from typing import Literal
 import torch
 from accelerate import Accelerator
 from finetune.data import INSTRUCTIONS, bundled
-from finetune.evals.generation import reference_metrics
+from finetune.evals.generation import read_responses, reference_metrics
 from finetune.evals.plots import plot_curves
 from finetune.recipes import PRESETS
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from finetune.checkpoint import write_text_atomic
 from finetune.config import Float, ModelSection, RunConfig, SamplingSection, Section
 from finetune.errors import UserError
 from finetune.interface import Generation, interface_meta
 from finetune.losses import IGNORE
-from finetune.next_token import NextTokenTask, perplexity_markdown, perplexity_table
+from finetune.next_token import NextTokenTask, perplexity_table
 from finetune.prompts import check_style
 from finetune.recipe import Recipe, Setup, evaluate_splits
 from finetune.records import Record, read_records, split_records
@@ -178,14 +177,16 @@ class Instruct(Recipe[InstructConfig, dict]):
 
     def report(self, out: Path, config: InstructConfig, data: dict[str, list[Record]], metrics: dict,
                history: list[dict], model, quiet: bool) -> tuple[dict, list[str]]:
-        """Responses to the test split, scored against the references; report.md and curves.png."""
-        responses = test_responses(model, data["test"], config, out, metrics, quiet)
-        write_text_atomic(out / "report.md", report_markdown(config, metrics, responses))
+        """Responses to the test split, scored against the references; curves.png."""
+        test_responses(model, data["test"], config, out, metrics, quiet)
         plot_curves(history, out / "curves.png", seen="tokens")
-        return metrics, ["responses.jsonl", "report.md", "curves.png"]
+        return metrics, ["responses.jsonl", "curves.png"]
 
     def summary_table(self, metrics: dict) -> str:
         return summary_table(metrics)
+
+    def report_body(self, config: InstructConfig, metrics: dict, out: Path) -> list[str]:
+        return response_markdown(metrics, read_responses(out / "responses.jsonl"))
 
 
 RECIPE = Instruct()
@@ -226,12 +227,6 @@ def summary_table(metrics: dict) -> str:
         r = metrics["responses"]
         rows.append(f"test responses: ROUGE-L {r['rouge_l']:.3f}, exact match {r['exact_match']:.1%} (n={r['n']})")
     return "\n".join(rows)
-
-
-def report_markdown(config: InstructConfig, metrics: dict, responses: list[dict], shown: int = 5) -> str:
-    lines = [f"# Instruction tuning: {config.model.name} ({config.finetune.trainable})", "",
-             *perplexity_markdown(metrics)]
-    return "\n".join(lines + response_markdown(metrics, responses, shown))
 
 
 def response_markdown(metrics: dict, responses: list[dict], shown: int = 5) -> list[str]:

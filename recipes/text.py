@@ -22,7 +22,6 @@ from finetune.recipes import PRESETS
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from finetune.checkpoint import write_text_atomic
 from finetune.config import Float, ModelSection, RunConfig, SamplingSection, Section
 from finetune.corpus import (
     Corpus,
@@ -36,7 +35,7 @@ from finetune.corpus import (
 from finetune.errors import UserError
 from finetune.generate import generate
 from finetune.interface import interface_meta
-from finetune.next_token import NextTokenTask, perplexity_markdown, perplexity_table
+from finetune.next_token import NextTokenTask, perplexity_table
 from finetune.recipe import Recipe, Setup, evaluate_splits
 from finetune.tokenizer import EOT_ID, encode, get_tokenizer
 
@@ -150,12 +149,14 @@ class Text(Recipe[TextConfig, Corpus]):
 
     def report(self, out: Path, config: TextConfig, data: Corpus, metrics: dict, history: list[dict], model,
                quiet: bool) -> tuple[dict, list[str]]:
-        """The kept model's continuation of the prompt; report.md and curves.png (loss against tokens seen)."""
+        """The kept model's continuation of the prompt; curves.png (loss against tokens seen)."""
         metrics["sample"] = {"prompt": config.generation.prompt, "text": continue_prompt(model, config)}
         metrics["data"] = {k: data.manifest[k] for k in ("split", "documents", "tokens")}
-        write_text_atomic(out / "report.md", report_markdown(config, metrics))
         plot_curves(history, out / "curves.png", seen="tokens")
-        return metrics, ["report.md", "curves.png"]
+        return metrics, ["curves.png"]
+
+    def report_body(self, config: TextConfig, metrics: dict, out: Path) -> list[str]:
+        return report_body(config, metrics)
 
     def summary_table(self, metrics: dict) -> str:
         rows = [perplexity_table(metrics, SPLITS)]
@@ -179,10 +180,8 @@ def continue_prompt(model, config: TextConfig) -> str:
     return get_tokenizer().decode([t for t in out if t != EOT_ID])
 
 
-def report_markdown(config: TextConfig, metrics: dict) -> str:
+def report_body(config: TextConfig, metrics: dict) -> list[str]:
     data = metrics["data"]
-    lines = [f"# Text: {config.model.name} ({config.model.init}, {config.finetune.trainable})", "",
-             f"{data['tokens']['train']:,} train and {data['tokens']['val']:,} validation tokens, split by {data['split']}.",
-             "", *perplexity_markdown(metrics, SPLITS)]
-    lines += ["", "## Sample", "", f"**Prompt:** {config.generation.prompt}", "", f"**Model:** {metrics['sample']['text']}", ""]
-    return "\n".join(lines)
+    return [f"{data['tokens']['train']:,} train and {data['tokens']['val']:,} validation tokens, split by {data['split']}"
+            " (the data sizes above count windows).", "", "## Sample", "", f"**Prompt:** {config.generation.prompt}", "",
+            f"**Model:** {metrics['sample']['text']}", ""]

@@ -80,6 +80,10 @@ def test_run_writes_metrics_plots_and_eval_reproduces_them(tmp_path, data, capsy
     assert metrics["test"]["n"] == 16 and sum(map(sum, metrics["test"]["confusion_matrix"])) == 16
     for name in ("curves.png", "confusion_matrix.png", "metrics.csv", "metrics.jsonl", "config.yaml", "best/config.json"):
         assert (out / name).exists(), name
+    report = (out / "report.md").read_text()  # one page: what ran, on what, how long, how well, the plots
+    for part in ("| trains | all: ", "| data | 56 train, 8 val |", "| ran on | cpu, 1 process(es)", "| wall time | ",
+                 "GPT-2 test", "![confusion_matrix](confusion_matrix.png)"):
+        assert part in report, part
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 15))  # 56 train / 8 = 7 x 2 epochs
 

@@ -173,7 +173,8 @@ def test_tiny_text_run_reports_and_generates(tmp_path, capsys):
     assert [r["step"] for r in val_rows] == [0, 5, 9, 10, 15, 18]  # at start, every 5 steps, at epoch ends
     assert all(r["sample"].startswith("Every effort moves you") for r in val_rows)
     assert err.count("sample: 'Every effort moves you") == len(val_rows)
-    assert (out / "curves.png").stat().st_size > 0 and "| val |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert (out / "curves.png").stat().st_size > 0 and "\nval " in report and "## Sample" in report
     code, stdout, err = cli(capsys, "generate", "--model", str(out), "--prompt", "Every effort", "--max-new-tokens", "5")
     assert code == 0 and stdout.strip(), err  # the continuation of the prompt
 
