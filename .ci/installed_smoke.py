@@ -6,6 +6,7 @@ Usage: python installed_smoke.py CHECKOUT   (run from an empty directory)
 
 import csv
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,9 @@ teams = ("billing", "shipping", "returns")
 Path("tickets.csv").write_text("id,body,team\n" + "".join(
     f'{i},"ticket {i} about {team},\nsecond line",{team}\n' for i in range(30) for team in teams))
 
+from finetune.data import PREFERENCES, bundled  # noqa: E402
+
+Path("prefs.json").write_text(json.dumps(json.loads(bundled(PREFERENCES).read_text())[:40]))
 assert not Path(finetune.__file__).resolve().is_relative_to(checkout), finetune.__file__
 for argv in (["recipes"],
              ["run", "spam", "--config", "spam_tiny", "train.epochs=1"],
@@ -47,7 +51,10 @@ for argv in (["recipes"],
               "data.text_field=body", "data.label_field=team", "train.epochs=1"],
              ["predict", "runs/classification_tiny", "--data", "tickets.csv", "--text-field", "body", "--out", "p.csv"],
              ["export", "runs/classification_tiny", "exported/classifier"],
-             ["export", "runs/instruct_tiny", "exported/instruct"]):
+             ["export", "runs/instruct_tiny", "exported/instruct"],
+             ["run", "dpo", "--config", "dpo_tiny", "data.path=prefs.json", "model.name=runs/instruct_tiny",
+              "model.init=pretrained", "generation.max_new_tokens=8"],
+             ["respond", "runs/dpo_tiny", "--out", "dpo-again.jsonl"]):
     print("$ finetune", " ".join(argv), flush=True)
     code = main(argv)
     assert code == 0, f"finetune {' '.join(argv)} exited {code}"
@@ -58,5 +65,6 @@ for run_dir in ("runs/spam_tiny", "runs/instruct_tiny", "runs/classification_tin
 for exported in ("exported/classifier", "exported/instruct"):  # the tokenizer comes from the installed package
     assert all((Path(exported) / name).is_file() for name in ("config.json", "model.safetensors", "vocab.json",
                                                               "merges.txt", "README.md")), exported
+assert main(["sweep", "--spec", "spam_ablation"]) == 2  # the core install has no Optuna: one line names the extra
 assert not opened_in_checkout, f"files of the checkout were opened: {opened_in_checkout[:5]}"
 print("installed wheel: every preset ran from an empty directory; no file of the checkout was read")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import re
 import subprocess
@@ -102,12 +101,10 @@ def sweep_from(args) -> Sweep:
     spec = {}
     if args.spec:
         path = Path(args.spec)
-        if not path.is_file():
-            path = Path(__file__).parent.parent / "recipes" / "sweeps" / f"{args.spec}.yaml"
-            if not path.is_file():
-                from importlib import resources
+        if not path.is_file():  # a sweep shipped with the bundled recipes, by name
+            from importlib import resources
 
-                path = Path(str(resources.files("finetune.recipes").joinpath("sweeps", f"{args.spec}.yaml")))
+            path = Path(str(resources.files("finetune.recipes").joinpath("sweeps", f"{args.spec}.yaml")))
         if not path.is_file():
             raise UserError(f"--spec {args.spec}: no such sweep file or bundled sweep")
         spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -128,9 +125,17 @@ def sweep_from(args) -> Sweep:
                  args.trials or spec.get("trials"), args.storage or f"sqlite:///{(out / 'study.db').resolve()}", out)
 
 
+def require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UserError('finetune sweep needs Optuna: pip install "finetune-gpt2[sweep]"') from None
+
+
 def check(sweep: Sweep) -> None:
-    """Everything that can be known before the first trial: the recipe, every trial's config (each grid
-    point, each range's ends), the metric, the sampler and the storage."""
+    """Everything that can be known before the first trial: Optuna itself, the recipe, every trial's config
+    (each grid point, each range's ends), the metric, the sampler and the storage."""
+    require_optuna()
     found = recipe(sweep.recipe)
     if sweep.sampler == "grid" and any(p.values is None for p in sweep.params):
         raise UserError("--sampler grid takes lists only; use --sampler random or tpe for ranges")
@@ -247,6 +252,7 @@ def run_worker(sweep: Sweep, points: list[dict] | None, worker: int = 0) -> None
 
 def run_sweep(sweep: Sweep, parallel: int, argv: list[str]) -> Path:
     """Check, resume or start the study, run the trials (in `parallel` processes), write the table and plot."""
+    require_optuna()
     sweep.out.mkdir(parents=True, exist_ok=True)  # where the default storage goes
     check(sweep)
     study = open_study(sweep)
@@ -284,9 +290,8 @@ def write_results(sweep: Sweep, study) -> None:
         xs = [t.params.get(param.key) for t in done]
         labels = [str(x) for x in xs] if param.values is not None else xs
         ax.scatter(labels, [t.value for t in done])
-        if param.kind == "loguniform" or (param.values and all(isinstance(v, (int, float)) and v > 0 for v in param.values)
-                                          and max(param.values) / min(param.values) >= 100):
-            ax.set_xscale("log") if param.values is None else None
+        if param.kind == "loguniform":
+            ax.set_xscale("log")
         ax.set(xlabel=param.key, ylabel=sweep.metric, title=f"{sweep.metric} by {param.key}")
     fig.suptitle(f"{sweep.recipe} sweep: {len(done)} trials, best {sweep.metric} "
                  f"{study.best_value:.4g}" if done else f"{sweep.recipe} sweep: no finished trial")
@@ -301,6 +306,4 @@ def best_line(sweep: Sweep) -> str:
         best = study.best_trial
     except ValueError:
         return "no trial finished"
-    value = best.value
-    return (f"best {sweep.metric} = {value:.4g}" + ("" if math.isfinite(value) else "") +
-            f" in {best.user_attrs.get('run')} with {json.dumps(best.params)}")
+    return f"best {sweep.metric} = {best.value:.4g} in {best.user_attrs.get('run')} with {json.dumps(best.params)}"
