@@ -1,4 +1,5 @@
-"""Commands that train, re-evaluate and compare: `run`, `validate`, `eval`, `recipes` and `runs`. Recipes are found
+"""Commands that train, re-evaluate and compare: `run`, `validate`, `eval`, `recipes`, `config`, `runs`
+and `sweep`. Recipes are found
 through their entry points (`finetune.registry`); parsing needs nothing heavy."""
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def add_commands(commands) -> None:
 
     rec = commands.add_parser("recipes", help="list recipes and their preset configs")
     rec.set_defaults(func=run_list)
+
+    ref = commands.add_parser("config", help="every config key of a recipe: type, default and what it does")
+    ref.add_argument("recipe", help="recipe name (see `finetune recipes`)")
+    ref.add_argument("--markdown", action="store_true", help="as the docs' reference page")
+    ref.set_defaults(func=run_config_reference)
 
     runs = commands.add_parser("runs", help="compare the runs under a directory in one table")
     runs.add_argument("directory", nargs="?", default="runs", help="where to look for runs (default: runs)")
@@ -127,3 +133,11 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     print(as_text(runs_table(out, sweep.metric, sweep.direction == "max"), sweep.metric))
     print(best_line(sweep))
     print(f"the study: {sweep.storage}; the plot: {out / 'sweep.png'}")
+
+
+def run_config_reference(args: argparse.Namespace) -> None:
+    from finetune.config_reference import as_markdown, as_text, config_keys
+    from finetune.registry import recipe
+
+    rows = config_keys(recipe(args.recipe).Config)
+    print(as_markdown(args.recipe, rows) if args.markdown else as_text(args.recipe, rows), end="" if args.markdown else "\n")
