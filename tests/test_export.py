@@ -315,14 +315,14 @@ def adapted(model):
 
 
 def test_readme_snippets_run(runs, base, tmp_path, monkeypatch, capsys):
-    """The README's "Use your model elsewhere" commands and Python blocks, run as written (the hub
-    base replaced by the local one, since nothing can be downloaded here)."""
+    """docs/export.md's transformers and PEFT commands and Python blocks, run as written (the hub base
+    replaced by the local one, since nothing can be downloaded here)."""
     import re
     import shlex
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Use your model elsewhere", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).parent.parent / "docs" / "export.md").read_text()
+    section = page.split("\n## ", 1)[0]  # before the GGUF section
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     for name, run in (("instruct", "lm_lora"), ("spam", "tickets_last_block"), ("spam_lora", "spam_lora")):
