@@ -269,6 +269,14 @@ CASES = [
      "a classifier; generate needs a language model"),
     ("serve-missing-model", lambda o, d, f: ["serve", str(f / "none"), "--port", "0"], "no such file or directory"),
     ("serve-random-needs-preset", lambda o, d, f: ["serve", "./mine", "--init", "random", "--port", "0"], "needs a preset name"),
+    # comparing runs, the config reference, GGUF
+    ("runs-missing-directory", lambda o, d, f: ["runs", str(f / "none")], "none: no such directory"),
+    ("runs-unknown-sort", lambda o, d, f: ["runs", str(o.parent), "--sort", "test.bleu"], "--sort test.bleu: no run has it"),
+    ("config-reference-unknown-recipe", lambda o, d, f: ["config", "summarise"], "unknown recipe 'summarise'"),
+    ("sweep-unknown-key", lambda o, d, f: ["sweep", "spam", "train.lrr=[1e-3]", "--config", "spam_tiny", "--metric",
+                                           "val.accuracy", "--out", str(f / "sweep")], "train.lrr"),
+    ("export-gguf-classifier", lambda o, d, f: ["export", str(o), str(f / "out"), "--format", "gguf"],
+     "llama.cpp has no GPT-2 classification head"),
     # CLI
     ("cli-unknown-command", lambda o, d, f: ["train"], "invalid choice: 'train'"),
     ("cli-bad-number", lambda o, d, f: ["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
