@@ -48,7 +48,7 @@ def load_for_use(target: str, init: str = "pretrained", bf16: bool = False, prom
     return Loaded(model.eval(), meta, interface, path.name if path.exists() else target)
 
 
-def language_model(target: str, command: str, bf16: bool = False, prompt_style: str | None = None) -> Loaded:
+def load_language_model(target: str, command: str, bf16: bool = False, prompt_style: str | None = None) -> Loaded:
     """A language model for `command`; a classifier is refused in one line."""
     loaded = load_for_use(target, bf16=bf16, prompt_style=prompt_style)
     if loaded.classifier:
@@ -56,7 +56,7 @@ def language_model(target: str, command: str, bf16: bool = False, prompt_style: 
     return loaded
 
 
-def classifier(target: str) -> Loaded:
+def load_classifier(target: str) -> Loaded:
     """A classifier for classify and predict; a language model is refused in one line."""
     loaded = load_for_use(target)
     if not loaded.classifier:

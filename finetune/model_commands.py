@@ -113,9 +113,9 @@ def run_generate(args: argparse.Namespace) -> None:
 
 def _instruction_model(args: argparse.Namespace, command: str):
     """A language model prompted in its own style, or --prompt-style, or (neither) the book's alpaca."""
-    from finetune.inference import language_model
+    from finetune.inference import load_language_model
 
-    return language_model(args.model, command, args.bf16, args.prompt_style or "alpaca")
+    return load_language_model(args.model, command, args.bf16, args.prompt_style or "alpaca")
 
 
 def run_chat(args: argparse.Namespace) -> None:
@@ -162,12 +162,12 @@ def run_respond(args: argparse.Namespace) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> None:
-    from finetune.inference import classifier
+    from finetune.inference import load_classifier
     from finetune.predict import predict
 
     if any(not text.strip() for text in args.text):
         raise UserError("--text is empty; give a text to classify")
-    loaded = classifier(args.checkpoint)
+    loaded = load_classifier(args.checkpoint)
     probs = predict(loaded.model, loaded.meta, args.text)
     labels = loaded.interface.labels
     for text, p in zip(args.text, probs):

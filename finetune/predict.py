@@ -11,7 +11,7 @@ import torch
 from finetune.classification_inputs import Collate, encode
 from finetune.classifier import GPTClassifier
 from finetune.errors import UserError
-from finetune.inference import classifier
+from finetune.inference import load_classifier
 from finetune.progress import progress
 from finetune.tables import read_table
 
@@ -37,7 +37,7 @@ def predict_file(source: Path, data: Path, out: Path, text_field: str | None = N
     class's probability (`p_<class>`). Returns the number of rows."""
     if out.exists():
         raise UserError(f"{out} exists; choose a new file for the predictions")
-    loaded = classifier(str(source))
+    loaded = load_classifier(str(source))
     model, meta = loaded.model, loaded.meta
     table = read_table(data, fmt, delimiter, setting="--data")
     texts = table.column(text_field or meta.get("text_field", "text"), "--text-field").tolist()

@@ -45,12 +45,6 @@ MAX_BODY = 1 << 20  # bytes; a request body beyond it is refused with 413
 MAX_TEXTS = 256  # texts per classification request
 
 
-def load_served(name: str, init: str = "pretrained", bf16: bool = False, prompt_style: str | None = None) -> Loaded:
-    """What `finetune serve MODEL` serves: anything `finetune generate` or `finetune classify` takes, with
-    its stored interface: an instruction-tuned model's chat turns are prompted in its style."""
-    return load_for_use(name, init, bf16, prompt_style)
-
-
 def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8):
     """The ASGI application: FastAPI's routes inside a request-body size limit."""
     engine = None if served.classifier else Engine(served.model, max_batch)
@@ -298,7 +292,7 @@ def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16:
             probe.bind((host, port))
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
-    served = load_served(name, init, bf16, prompt_style)
+    served = load_for_use(name, init, bf16, prompt_style)  # with its interface: chat is prompted in its style
     app = create_app(served, api_key, max_batch)
     kind = "classifier" if served.classifier else "language model"
     print(f"finetune: serving {served.name} ({kind}) at http://{host}:{port}/ (OpenAI API under /v1); Ctrl-C stops",

@@ -12,7 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 MARKED = re.compile(r"<!-- test: run -->\n```bash\n(.*?)```", re.S)

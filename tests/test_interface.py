@@ -15,13 +15,14 @@ from finetune.data import INSTRUCTIONS, PREFERENCES, bundled
 
 from finetune.checkpoint import write_directory
 from finetune.cli import main
+from finetune.inference import load_for_use
 from finetune.interface import Generation, interface_meta
 from finetune.model import GPT, GPTConfig
 from finetune.prompts import format_prompt
 from finetune.records import Record
 from finetune.respond import prompt_tokens, respond
 from finetune.serialization import model_files
-from finetune.server import create_app, load_served
+from finetune.server import create_app
 from tests.helpers import cli
 from tests.test_serve import Running
 
@@ -125,7 +126,7 @@ def test_serve_answers_chat_as_the_run_did_whatever_form_the_model_takes(trained
     _, runs = trained
     expected = expected_replies(runs[style]["run"])
     for form, target in runs[style].items():
-        served = Running(create_app(load_served(str(target))))
+        served = Running(create_app(load_for_use(str(target))))
         try:
             client = OpenAI(base_url=f"{served.url}/v1", api_key="none")
             for r in expected:
@@ -162,7 +163,7 @@ def expected_replies_at(path: Path) -> list[dict]:
 def test_the_matrix_can_fail_a_model_prompted_in_another_style(trained):
     """The replies above depend on the style: prompted as phi3, the alpaca run answers otherwise."""
     _, runs = trained
-    loaded = load_served(str(runs["alpaca"]["run"]))
+    loaded = load_for_use(str(runs["alpaca"]["run"]))
     expected = expected_replies(runs["alpaca"]["run"])
     records = [Record(r["instruction"], r["input"]) for r in expected]
     assert respond(loaded.model, records, "alpaca", loaded.interface.generation) == [r["response"] for r in expected]
@@ -172,7 +173,7 @@ def test_the_matrix_can_fail_a_model_prompted_in_another_style(trained):
 def test_generation_defaults_travel_and_requests_can_override_them(trained):
     _, runs = trained
     for form in ("run", "merged", "transformers", "peft"):
-        loaded = load_served(str(runs["phi3"][form]))
+        loaded = load_for_use(str(runs["phi3"][form]))
         assert loaded.interface.prompt_style == "phi3", form
         assert loaded.interface.generation.max_new_tokens == 8 and loaded.interface.generation.temperature == 0, form
 

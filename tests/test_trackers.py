@@ -7,7 +7,13 @@ import math
 
 import pytest
 
-from tests.helpers import cli, one_line_error, run_killed_and_resumed, small_spam_file, tiny_spam_args
+from tests.helpers import (
+    cli,
+    one_line_error,
+    run_killed_and_resumed,
+    small_spam_file,
+    tiny_spam_args,
+)
 
 
 def scalars(directory) -> dict[str, list[tuple[int, float]]]:
