@@ -7,20 +7,33 @@ position ids, so a request computes what it would compute alone. A request that 
 prefilled on its own rows and copied in ending at `W`; finished or cancelled requests free their slot
 at the next step. The engine runs in one thread; callers submit from any thread and receive events
 through the callback they pass.
+
+Every cache position a row does not own is zero, never memory left by earlier allocations: the mask
+gives those positions weight 0, but attention still multiplies them, and `0 * NaN` is NaN (recycled
+memory can hold NaNs, or denormals that make every step many times slower). If the thread itself
+dies, the engine says so (`failure`), ends every request with an error and refuses new ones.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from finetune.generate import filter_logits
+from finetune.generate import filter_logits, is_greedy
 from finetune.model import GPT, KVCache
 from finetune.tokenizer import EOT_ID
+
+log = logging.getLogger(__name__)
+
+
+class EngineStopped(RuntimeError):
+    """The decoding thread has ended (closed, or died of the failure named in the message)."""
 
 
 @dataclass
@@ -77,6 +90,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._pending: deque[Request] = deque()
+        self._admitted: list[Request] = []  # taken from the queue for this turn, not yet holding a slot
         self._rows: list[_Row] = []
         self._wake = threading.Condition()
         self._closed = False
@@ -84,11 +98,16 @@ class Engine:
         self._write = 0  # W: the cache position the next step writes
         self.largest_batch = 0  # the most requests one step has decoded together
         self.tokens_generated = 0
-        self._thread = threading.Thread(target=self._loop, name="finetune-engine", daemon=True)
+        self.last_step = time.monotonic()  # when the loop last made progress (or last went idle)
+        self.failure: str | None = None  # why the thread died, once it has
+        self._thread = threading.Thread(target=self._run, name="finetune-engine", daemon=True)
         self._thread.start()
 
     def submit(self, request: Request) -> None:
+        """Queue a request; EngineStopped if the decoding thread has ended."""
         with self._wake:
+            if self._closed or self.failure is not None:
+                raise EngineStopped(self.failure or "the engine is closed")
             self._pending.append(request)
             self._wake.notify()
 
@@ -103,33 +122,66 @@ class Engine:
         """Requests holding a slot (a test and the page read it; no lock needed for a count)."""
         return len(self._rows)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failure is None
+
+    def health(self) -> dict:
+        """What a watchdog needs: a stalled engine has work (`active`) and an old `last_step_age_s`."""
+        return {"alive": self.alive, "active": self.active, "pending": len(self._pending),
+                "last_step_age_s": round(time.monotonic() - self.last_step, 3),
+                "largest_batch": self.largest_batch, "tokens_generated": self.tokens_generated,
+                "failure": self.failure}
+
     # -- the loop -------------------------------------------------------------------------------
 
+    def _run(self) -> None:
+        """The thread: the loop, and if anything escapes it, a failure every caller hears of."""
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except BaseException as e:
+            log.exception("finetune engine: the decoding thread died")
+            with self._wake:
+                self.failure = f"{type(e).__name__}: {e}"
+                held = [row.request for row in self._rows]
+                ended = held + [r for r in self._admitted if r not in held] + list(self._pending)
+                self._rows, self._write = [], 0
+                self._pending.clear()
+            for request in ended:
+                request.emit(Event("error", message=f"the engine stopped ({self.failure})"))
+
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not self._closed and not self._pending and not self._rows:
-                        self._wake.wait()
-                    if self._closed:
-                        return
-                    free = self.max_batch - len(self._rows)
-                    admitted = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
-                try:
-                    self._drop_cancelled()
-                    for request in [r for r in admitted if r.cancelled]:  # the client left while it waited
-                        request.emit(Event("done", finish_reason="stop"))
-                    admitted = [r for r in admitted if not r.cancelled]
-                    if admitted:
-                        self._prefill(admitted)
-                    if self._rows:
-                        self._step()
-                except Exception as e:  # a failure ends the requests in flight, never the server
-                    for row in self._rows:
-                        row.request.emit(Event("error", message=f"{type(e).__name__}: {e}"))
-                    for request in admitted:
-                        request.emit(Event("error", message=f"{type(e).__name__}: {e}"))
-                    self._rows, self._write = [], 0
+        while True:
+            with self._wake:
+                while not self._closed and not self._pending and not self._rows:
+                    self.last_step = time.monotonic()  # idle is not stalled
+                    self._wake.wait()
+                if self._closed:
+                    return
+                free = self.max_batch - len(self._rows)
+                self._admitted = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+            self._serve(self._admitted)
+            self._admitted = []
+            self.last_step = time.monotonic()
+
+    def _serve(self, admitted: list[Request]) -> None:
+        """One turn of the loop: drop cancelled rows, prefill the admitted requests, decode one step."""
+        try:
+            self._drop_cancelled()
+            for request in [r for r in admitted if r.cancelled]:  # the client left while it waited
+                request.emit(Event("done", finish_reason="stop"))
+            admitted = [r for r in admitted if not r.cancelled]
+            if admitted:
+                self._prefill(admitted)
+            if self._rows:
+                self._step()
+        except Exception as e:  # a failure ends the requests in flight, never the server
+            for row in self._rows:
+                row.request.emit(Event("error", message=f"{type(e).__name__}: {e}"))
+            for request in admitted:
+                request.emit(Event("error", message=f"{type(e).__name__}: {e}"))
+            self._rows, self._write = [], 0
 
     def _drop_cancelled(self) -> None:
         for row in [r for r in self._rows if r.request.cancelled]:
@@ -182,14 +234,19 @@ class Engine:
             self._shift(p - self._write)
         self._ensure(self._write)
         row.start = self._write - p
-        self._k[:, row.slot, :, row.start:self._write] = cache.k[:, i, :, T - p:T]
-        self._v[:, row.slot, :, row.start:self._write] = cache.v[:, i, :, T - p:T]
+        for buffer, prefilled in ((self._k, cache.k), (self._v, cache.v)):
+            buffer[:, row.slot, :, :row.start] = 0  # what the slot's last owner left
+            buffer[:, row.slot, :, row.start:self._write] = prefilled[:, i, :, T - p:T]
         self._rows.append(row)
 
     def _shift(self, by: int) -> None:
-        """Move every slot's filled positions `by` places (right if positive; the capacity must allow it)."""
+        """Move every slot's filled positions `by` places (right if positive; the capacity must allow it),
+        zeroing the positions they leave."""
+        W = self._write
+        vacated = slice(0, by) if by > 0 else slice(W + by, W)
         for buffer in (self._k, self._v):
-            buffer[:, :, :, max(by, 0):self._write + by] = buffer[:, :, :, max(-by, 0):self._write].clone()
+            buffer[:, :, :, max(by, 0):W + by] = buffer[:, :, :, max(-by, 0):W].clone()
+            buffer[:, :, :, vacated] = 0
         for row in self._rows:
             row.start += by
         self._write += by
@@ -202,8 +259,8 @@ class Engine:
         c = self.model.config
         new = min(c.context_length, max(length, capacity * 2, 128))
         shape = (c.n_layer, self.max_batch, c.n_head, new, c.n_embd // c.n_head)
-        k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self._k is not None:
             k[:, :, :, :self._write] = self._k[:, :, :, :self._write]
             v[:, :, :, :self._write] = self._v[:, :, :, :self._write]
@@ -254,7 +311,7 @@ class Engine:
 
     @staticmethod
     def _choose(logits: torch.Tensor, request: Request, generator: torch.Generator) -> int:
-        if request.temperature == 0:
+        if is_greedy(request.temperature):
             return int(logits.argmax())
         probs = filter_logits(logits[None], request.temperature, None, request.top_p).softmax(-1)
         return int(torch.multinomial(probs, 1, generator=generator))

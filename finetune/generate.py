@@ -9,6 +9,14 @@ import torch
 from finetune.errors import UserError
 from finetune.model import GPT, KVCache
 
+# Temperatures below this decode greedily, as vLLM does: dividing logits by a temperature near zero
+# overflows to inf (1e-45 does), and sampling from that distribution is argmax anyway.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
 
 @torch.inference_mode()
 def generate(
@@ -27,7 +35,7 @@ def generate(
     `idx` is a `(B, T)` LongTensor, or a list of token-id lists of any lengths (left-padded and masked
     internally). Every row gets the same n <= max_new_tokens new tokens, rows that hit `eos_id` early
     padded with it: a `(B, T + n)` tensor, or a list of lists (prompt + n) for list prompts. Greedy when
-    `temperature` is 0. Prompts longer than the context keep their last tokens, with a warning.
+    `temperature` is 0 (or below GREEDY_BELOW). Prompts longer than the context keep their last tokens, with a warning.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     as_list = not isinstance(idx, torch.Tensor)
@@ -119,7 +127,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
-    if temperature == 0:
+    if is_greedy(temperature):
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -66,6 +66,9 @@ def add_commands(commands) -> None:
     srv.add_argument("model", help=MODEL_HELP)
     srv.add_argument("--init", choices=["pretrained", "random"], default="pretrained")
     srv.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) serves this machine only")
+    srv.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="also answer requests naming this host (repeatable; * for any): on a loopback address only "
+                          "loopback names are answered, against DNS rebinding")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API request")
     srv.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together")
@@ -187,7 +190,8 @@ def run_predict(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> None:
     from finetune.server import serve
 
-    serve(args.model, args.init, args.host, args.port, args.api_key, args.bf16, args.max_batch, args.prompt_style)
+    serve(args.model, args.init, args.host, args.port, args.api_key, args.bf16, args.max_batch, args.prompt_style,
+          args.allow_host)
 
 
 def run_merge(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
-from finetune.engine import Engine, Event
+from finetune.engine import Engine, EngineStopped, Event
 from finetune.engine import Request as Generation
 from finetune.openai_api import APIError
 from finetune.tokenizer import EOT_ID, get_tokenizer
@@ -30,8 +30,12 @@ class Run:
             emit = functools.partial(self._emit, loop, i)
             seed = None if body.seed is None else (body.seed + i) % 2**63  # each prompt its own stream, reproducibly
             self.requests.append(Generation(prompt, max_tokens, emit, body.temperature, body.top_p, seed, logprobs, score_prompt))
-        for request in self.requests:
-            engine.submit(request)
+        try:
+            for request in self.requests:
+                engine.submit(request)
+        except EngineStopped as e:
+            self.cancel()
+            raise APIError(503, f"the model cannot answer: its decoding thread stopped ({e}); restart finetune serve") from e
 
     def _emit(self, loop: asyncio.AbstractEventLoop, index: int, event: Event) -> None:
         """Called in the engine's thread: hand the event to the request's event loop. A loop already closed
@@ -56,13 +60,32 @@ class Run:
                     open_.discard(i)
                 yield i, event
         finally:
-            for request in self.requests:
-                request.cancel()
+            self.cancel()
 
-    async def collect(self, choices) -> None:
-        async for i, event in self.events():
-            if choices[i].add(event):
-                self.requests[i].cancel()  # a stop string: no more tokens wanted
+    def cancel(self) -> None:
+        """Stop every request of this run; their places free at the engine's next step."""
+        for request in self.requests:
+            request.cancel()
+
+    async def collect(self, choices, receive) -> bool:
+        """Every event into `choices`; False, with the requests cancelled, if the client leaves first
+        (`receive`: the ASGI channel, which says `http.disconnect` when it does)."""
+        async def gather() -> None:
+            async for i, event in self.events():
+                if choices[i].add(event):
+                    self.requests[i].cancel()  # a stop string: no more tokens wanted
+
+        collecting, leaving = asyncio.ensure_future(gather()), asyncio.ensure_future(_left(receive))
+        try:
+            await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this call itself is cancelled
+            collecting.cancel()
+            leaving.cancel()
+            self.cancel()
+        if not collecting.done() or collecting.cancelled():
+            return False
+        collecting.result()  # an engine error, as the APIError it became
+        return True
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -187,6 +210,12 @@ class ChatChoice:
         return out
 
 
+async def _left(receive) -> None:
+    """Return when the client has gone (the request's body was read before: nothing else arrives)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def _piece(token: int) -> str:
     return get_tokenizer().decode_single_token_bytes(token).decode("utf-8", errors="replace")
 
@@ -213,4 +242,19 @@ def stream_reply(run: Run, choices: list, reply: dict, usage: bool | None) -> St
             yield line({**reply, "choices": [], "usage": run.usage()})
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    return _RunStream(run, stream())
+
+
+class _RunStream(StreamingResponse):
+    """Server-sent events that cancel their run when the response ends, however it ends: a client that
+    leaves mid-stream must free its place now, not when the abandoned generator is garbage-collected."""
+
+    def __init__(self, run: Run, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.cancel()

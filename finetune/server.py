@@ -9,6 +9,7 @@ JSON error shape with a 4xx status naming the field, and the server keeps servin
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import secrets
@@ -16,12 +17,13 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,10 +45,13 @@ from finetune.tokenizer import encode, get_tokenizer
 GRACE_SECONDS = 3  # after Ctrl-C, replies in flight get this long to finish
 MAX_BODY = 1 << 20  # bytes; a request body beyond it is refused with 413
 MAX_TEXTS = 256  # texts per classification request
+CLIENT_LEFT = 499  # the status logged for a request whose client left before its reply (nginx's convention)
 
 
-def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8):
-    """The ASGI application: FastAPI's routes inside a request-body size limit."""
+def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8,
+               allowed_hosts: Sequence[str] | None = ()):
+    """The ASGI application: FastAPI's routes inside a request-body size limit and a Host check.
+    `allowed_hosts`: the names accepted besides loopback ones; None accepts any."""
     engine = None if served.classifier else Engine(served.model, max_batch)
 
     @asynccontextmanager
@@ -96,10 +101,15 @@ def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8):
         return (files("finetune") / "assets" / "serve" / "index.html").read_text(encoding="utf-8")
 
     @app.get("/health", dependencies=guarded)
-    async def health() -> dict:
-        return {"status": "ok", "model": served.name, "active": engine.active if engine else 0,
-                "largest_batch": engine.largest_batch if engine else 0,
-                "tokens_generated": engine.tokens_generated if engine else 0}
+    async def health() -> JSONResponse:
+        """200 while the model can answer; 503 (with the cause) once the decoding thread has died.
+        `last_step_age_s` with `active` > 0 growing is a stalled engine; `tokens_generated` growing for a
+        request whose client left is a lost cancel."""
+        if engine is None:
+            return JSONResponse({"status": "ok", "model": served.name, "task": "classification"})
+        state = engine.health()
+        return JSONResponse({"status": "ok" if state["alive"] else "error", "model": served.name, **state},
+                            status_code=200 if state["alive"] else 503)
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict:
@@ -111,7 +121,7 @@ def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8):
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", dependencies=guarded)
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         language_model_only()
         sampling_defaults(body)
         prompts = _prompts(body.prompt, served.model.config.vocab_size)
@@ -126,11 +136,12 @@ def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8):
                  "model": served.name}
         if body.stream:
             return stream_reply(run, choices, reply, body.stream_options and body.stream_options.include_usage)
-        await run.collect(choices)
+        if not await run.collect(choices, request.receive):
+            return Response(status_code=CLIENT_LEFT)
         return {**reply, "choices": [c.final() for c in choices], "usage": run.usage()}
 
     @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         language_model_only()
         sampling_defaults(body)
         instruct = served.interface.instruct
@@ -147,7 +158,8 @@ def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8):
         if body.stream:
             return stream_reply(run, [choice], {**reply, "object": "chat.completion.chunk"},
                         body.stream_options and body.stream_options.include_usage)
-        await run.collect([choice])
+        if not await run.collect([choice], request.receive):
+            return Response(status_code=CLIENT_LEFT)
         return {**reply, "choices": [choice.final()], "usage": run.usage()}
 
     @app.post("/v1/classify", dependencies=guarded)
@@ -184,7 +196,9 @@ def create_app(served: Loaded, api_key: str | None = None, max_batch: int = 8):
         if served.classifier:
             raise APIError(400, f"model: {served.name} is a classifier; use POST /v1/classify", "model")
 
-    return _BodyLimit(app, MAX_BODY)
+    outer = _BodyLimit(_HostCheck(app, allowed_hosts), MAX_BODY)
+    outer.state = app.state  # the engine, for serve() and tests
+    return outer
 
 
 # -- prompts ---------------------------------------------------------------------------------------
@@ -232,6 +246,56 @@ def _chat_prompt(body: ChatRequest, style: str | None) -> list[int]:
     return prompt_tokens(Record(parts[0], parts[1] if len(parts) > 1 else ""), style)
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, localhost and *.localhost (which RFC 6761 keeps on this machine)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost" or host.lower().endswith(".localhost")
+
+
+def _host_name(value: str) -> str:
+    """The host of a Host header or an Origin URL, without port or brackets."""
+    value = value.split("://", 1)[-1].split("/", 1)[0]
+    if value.startswith("["):
+        return value[1:value.find("]")]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class _HostCheck:
+    """Refuse (403) a request whose Host or Origin names another machine. A web page can reach a server on
+    127.0.0.1 through DNS rebinding (its own name resolved to 127.0.0.1), and then its requests carry that
+    name; Ollama refuses them the same way. `allowed`: names accepted besides loopback ones; None: any."""
+
+    def __init__(self, app, allowed: Sequence[str] | None) -> None:
+        self.app = app
+        self.allowed = None if allowed is None or "*" in allowed else {name.lower() for name in allowed}
+
+    def _refused(self, value: str | None) -> bool:
+        if value is None or value == "null" or self.allowed is None:
+            return False
+        host = _host_name(value)
+        return not is_loopback(host) and host.lower() not in self.allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in (b"host", b"origin")}
+            for header in ("host", "origin"):
+                if self._refused(headers.get(header)):
+                    message = (f"{header} {headers[header]!r} is not this machine; a server on a loopback address answers "
+                               f"only loopback names: start it with --allow-host {_host_name(headers[header])} to accept it")
+                    return await _send_error(send, APIError(403, message, header))
+        await self.app(scope, receive, send)
+
+
+async def _send_error(send, error: APIError) -> None:
+    """An OpenAI error reply, sent from outside FastAPI."""
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class _BodyLimit:
     """Refuse request bodies over `limit` bytes with 413, whether announced (Content-Length) or sent in
     chunks: the body is read here, up to the limit, and handed to the app in one piece."""
@@ -273,15 +337,13 @@ class _BodyLimit:
             message = await receive()
             dropped += len(message.get("body", b""))
             more = message["type"] == "http.request" and message.get("more_body", False)
-        body = json.dumps(APIError(413, f"request body over {self.limit} bytes").body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, APIError(413, f"request body over {self.limit} bytes"))
 
 
 def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16: bool, max_batch: int,
-          prompt_style: str | None = None) -> None:
-    """Load the model and serve it until interrupted."""
+          prompt_style: str | None = None, allow_hosts: Sequence[str] = ()) -> None:
+    """Load the model and serve it until interrupted. Bound to a loopback address it answers loopback
+    names and `allow_hosts` only; bound to another address, any name unless `allow_hosts` lists some."""
     import socket
 
     import uvicorn
@@ -293,7 +355,8 @@ def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16:
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
     served = load_for_use(name, init, bf16, prompt_style)  # with its interface: chat is prompted in its style
-    app = create_app(served, api_key, max_batch)
+    hosts = list(allow_hosts) if allow_hosts or is_loopback(host) else None
+    app = create_app(served, api_key, max_batch, hosts)
     kind = "classifier" if served.classifier else "language model"
     print(f"finetune: serving {served.name} ({kind}) at http://{host}:{port}/ (OpenAI API under /v1); Ctrl-C stops",
           file=sys.stderr, flush=True)
@@ -304,8 +367,8 @@ def serve(name: str, init: str, host: str, port: int, api_key: str | None, bf16:
     try:
         uvicorn.Server(config).run()
     finally:  # a second Ctrl-C skips the app's shutdown: the decoding thread still has to end
-        if app.app.state.engine is not None:
-            app.app.state.engine.close()
+        if app.state.engine is not None:
+            app.state.engine.close()
 
 
 def _not_a_shutdown(record: logging.LogRecord) -> bool:

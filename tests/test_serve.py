@@ -1,6 +1,8 @@
 """`finetune serve`: OpenAI's API driven by the official `openai` client, answers checked against the
 model itself, batching that never mixes requests, bad input and load that never stop the server."""
 
+import faulthandler
+import gc
 import json
 import os
 import signal
@@ -283,10 +285,37 @@ def health(running) -> dict:
         running.url + "/health", headers={"Authorization": f"Bearer {KEY}"})).read())
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_place():
+def slow_server() -> Running:
     torch.manual_seed(0)  # a model slow enough (a few ms a token) that 400 tokens outlast noticing the client left
     model = GPT(GPTConfig(n_embd=256, n_layer=8, n_head=8, context_length=512)).eval()
-    running = Running(create_app(Loaded.of(model, model.checkpoint_meta(), "slow"), KEY))
+    return Running(create_app(Loaded.of(model, model.checkpoint_meta(), "slow"), KEY))
+
+
+def assert_place_freed(running) -> None:
+    """The request whose client left is dropped long before its 400 tokens: `active` falls to 0 and
+    `tokens_generated` stops (the model makes 400 in about a second, so the count, not a clock, says how
+    soon). If not, say which: a stalled engine (no new tokens) or a lost cancel (tokens still growing), with
+    every thread's stack."""
+    seen = [health(running)]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        seen.append(health(running))
+        if seen[-1]["active"] == 0 and seen[-1]["tokens_generated"] == seen[-2]["tokens_generated"]:
+            break
+    last = seen[-1]
+    if last["active"] or last["tokens_generated"] >= 300:
+        faulthandler.dump_traceback(all_threads=True)
+        verdict = ("lost cancel: it went on decoding" if last["tokens_generated"] > seen[0]["tokens_generated"] + 1
+                   else "stalled engine: no step")
+        pytest.fail(f"{verdict}; health first {seen[0]}, last {last}")
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_place():
+    """With the garbage collector off: the cancel must not wait for the abandoned stream to be finalised,
+    which in a process with a large heap (a server after hours, the whole test suite) can take long."""
+    running = slow_server()
+    gc.disable()
     try:
         body = json.dumps({"prompt": "The", "max_tokens": 400, "temperature": 0, "stream": True}).encode()
         request = urllib.request.Request(running.url + "/v1/completions", body,
@@ -294,13 +323,101 @@ def test_a_client_that_leaves_mid_stream_frees_its_place():
         reply = urllib.request.urlopen(request)
         reply.readline()
         reply.close()  # leave after the first event
-        deadline = time.monotonic() + 30  # generous: on a loaded CI machine noticing can take seconds
-        while health(running)["active"] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        after = health(running)
-        assert after["active"] == 0 and after["tokens_generated"] < 300, after  # stopped, not run to its 400 tokens
+        assert_place_freed(running)
+    finally:
+        gc.enable()
+        running.close()
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "The", "max_tokens": 400, "temperature": 0}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "The"}], "max_tokens": 400, "temperature": 0}),
+])
+def test_a_client_that_leaves_before_a_whole_reply_frees_its_place(path, body):
+    running = slow_server()
+    try:
+        host, port = running.url.removeprefix("http://").split(":")
+        payload = json.dumps(body).encode()
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                               f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            deadline = time.monotonic() + 10
+            while not health(running)["tokens_generated"] and time.monotonic() < deadline:
+                time.sleep(0.005)
+        assert_place_freed(running)  # the client left while its reply was being decoded
     finally:
         running.close()
+
+
+def test_health_reports_the_engine_and_a_dead_engine_answers_503():
+    model = tiny_lm(seed=3)
+    running = Running(create_app(Loaded.of(model, model.checkpoint_meta(), "tiny")))
+    try:
+        state = health(running)
+        assert state["alive"] and state["active"] == 0 and state["last_step_age_s"] >= 0 and state["failure"] is None
+        engine = running.server.config.app.state.engine
+
+        def die(admitted):
+            raise SystemExit("planted")
+
+        engine._serve = die  # the decoding thread ends at its next turn
+        code, reply = post(running.url, "/v1/completions", {"prompt": "The", "max_tokens": 3})
+        assert code == 500 and "planted" in reply["error"]["message"]
+        for path, body in (("/v1/completions", {"prompt": "The", "max_tokens": 3}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+            code, reply = post(running.url, path, body)
+            assert code == 503 and reply["error"]["type"] == "server_error", reply
+            message = reply["error"]["message"]
+            assert "\n" not in message and "SystemExit: planted" in message and "restart" in message
+        with pytest.raises(urllib.error.HTTPError) as unhealthy:
+            health(running)
+        state = json.loads(unhealthy.value.read())
+        assert unhealthy.value.code == 503 and not state["alive"] and state["failure"] == "SystemExit: planted"
+    finally:
+        running.close()
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(lm):
+    running, model = lm
+    for temperature in (1e-45, 1e-6):
+        code, reply = post(running.url, "/v1/completions", {"prompt": "The", "max_tokens": 5, "temperature": temperature})
+        assert code == 200 and reply["choices"][0]["text"] == get_tokenizer().decode(greedy(model, "The", 5))
+    assert generate(model, [encode("The")], 5, temperature=1e-45) == generate(model, [encode("The")], 5)
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Host": "evil.example"}, 403),
+    ({"Host": "evil.example:8000"}, 403),
+    ({"Origin": "http://evil.example"}, 403),
+    ({"Host": "localhost:8000", "Origin": "http://127.0.0.1:8000"}, 200),
+    ({"Host": "[::1]:8000"}, 200),
+    ({"Host": "app.localhost"}, 200),
+])
+def test_a_server_on_loopback_answers_loopback_names_only(lm, headers, status):
+    running, _ = lm
+    request = urllib.request.Request(running.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}", **headers})
+    try:
+        with urllib.request.urlopen(request) as reply:
+            code = reply.status
+    except urllib.error.HTTPError as e:
+        code, error = e.code, json.loads(e.read())["error"]
+        assert "evil.example" in error["message"] and "--allow-host" in error["message"]
+    assert code == status
+
+
+def test_allowed_hosts_are_answered():
+    model = tiny_lm()
+    for allowed, status in ((["models.example"], 200), (["*"], 200), (None, 200), ([], 403)):
+        running = Running(create_app(Loaded.of(model, model.checkpoint_meta(), "tiny"), allowed_hosts=allowed))
+        try:
+            request = urllib.request.Request(running.url + "/v1/models", headers={"Host": "models.example"})
+            try:
+                code = urllib.request.urlopen(request).status
+            except urllib.error.HTTPError as e:
+                code = e.code
+            assert code == status, allowed
+        finally:
+            running.close()
 
 
 def test_classification_endpoint(classifier, lm):
@@ -533,45 +650,72 @@ def test_readme_client_snippet_runs(lm, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_engine_moves_rows_for_a_longer_prompt_and_when_the_context_fills():
-    """A request with a longer prompt joins mid-decode (every row moves right), and the shared cache later
-    reaches the context (every row moves left): both answers stay what each computes alone."""
-    from finetune.engine import Engine, Request
+def staggered(engine, model, joiners, first=(3, 14, 15), first_tokens=29):
+    """Request "a" decodes; each (prompt, n) of `joiners` is submitted when "a" has made two more tokens.
+    Returns, per request, its prompt, tokens and log-probs."""
+    from finetune.engine import Request
 
-    torch.manual_seed(2)
-    model = GPT(GPTConfig(n_embd=32, n_layer=2, n_head=4, context_length=32)).eval()
-    engine = Engine(model, max_batch=4)
-    done = {"a": threading.Event(), "b": threading.Event()}
-    tokens = {"a": [], "b": []}
-    logprobs = {"a": [], "b": []}
-    first = [3, 14, 15]
-    second = list(range(100, 112))  # 12 tokens: longer than the cache is filled when it arrives
+    runs = {"a": (list(first), first_tokens)} | {f"j{k}": (list(p), n) for k, (p, n) in enumerate(joiners)}
+    got = {name: {"tokens": [], "logprobs": [], "done": threading.Event()} for name in runs}
 
     def collect(name):
         def emit(event):
             if event.kind == "token":
-                tokens[name].append(event.scores[0].token)
-                logprobs[name].append(event.scores[0].logprob)
-                if name == "a" and len(tokens["a"]) == 2:
-                    engine.submit(Request(second, 20, collect("b"), logprobs=0))
+                got[name]["tokens"].append(event.scores[0].token)
+                got[name]["logprobs"].append(event.scores[0].logprob)
+                made = len(got["a"]["tokens"])
+                if name == "a" and made % 2 == 0 and 0 < made // 2 <= len(joiners):
+                    joiner = f"j{made // 2 - 1}"
+                    engine.submit(Request(runs[joiner][0], runs[joiner][1], collect(joiner), logprobs=0))
             elif event.kind in ("done", "error"):
-                done[name].set()
+                got[name]["error"] = event.message
+                got[name]["done"].set()
         return emit
 
     try:
-        engine.submit(Request(first, 29, collect("a"), logprobs=0))
-        assert done["a"].wait(30) and done["b"].wait(30)
+        engine.submit(Request(runs["a"][0], runs["a"][1], collect("a"), logprobs=0))
+        for name in runs:
+            assert got[name]["done"].wait(30), name
     finally:
         engine.close()
+    return {name: (runs[name][0], runs[name][1], got[name]) for name in runs}
 
-    def alone(prompt, n):
-        return generate(model, [prompt], n, eos_id=EOT_ID)[0][len(prompt):]
 
-    assert tokens["a"] == alone(first, 29) and tokens["b"] == alone(second, 20)
-    for name, prompt in (("a", first), ("b", second)):  # every step saw exactly its own keys and values
-        sequence = prompt + tokens[name]
+def assert_each_as_alone(model, results):
+    """Every request's tokens are generate()'s alone, and every step saw exactly its own keys and values."""
+    for name, (prompt, n, got) in results.items():
+        assert got["error"] is None, (name, got["error"])
+        assert got["tokens"] == generate(model, [prompt], n, eos_id=EOT_ID)[0][len(prompt):], name
+        sequence = prompt + got["tokens"]
         with torch.no_grad():
             expected = model(torch.tensor([sequence]))[0].log_softmax(-1)
         positions = torch.arange(len(prompt) - 1, len(sequence) - 1)
-        want = expected[positions, torch.tensor(tokens[name])]
-        assert (torch.tensor(logprobs[name]) - want).abs().max() <= 1e-5, name
+        want = expected[positions, torch.tensor(got["tokens"])]
+        assert (torch.tensor(got["logprobs"]) - want).abs().max() <= 1e-5, name
+
+
+def test_engine_moves_rows_for_a_longer_prompt_and_when_the_context_fills():
+    """A request with a longer prompt joins mid-decode (every row moves right), and the shared cache later
+    reaches the context (every row moves left): both answers stay what each computes alone."""
+    from finetune.engine import Engine
+
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(n_embd=32, n_layer=2, n_head=4, context_length=32)).eval()
+    second = list(range(100, 112))  # 12 tokens: longer than the cache is filled when it arrives
+    assert_each_as_alone(model, staggered(Engine(model, max_batch=4), model, [(second, 20)]))
+
+
+def test_engine_never_reads_cache_memory_a_row_does_not_own():
+    """Recycled memory (NaN here) in the cache before requests arrive: a request joining while another
+    decodes (placed after position 0), a longer one moving every row right, the context filling (every row
+    moves left) and a slot reused by a new request all answer as each does alone."""
+    from finetune.engine import Engine
+
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(n_embd=32, n_layer=2, n_head=4, context_length=32)).eval()
+    engine = Engine(model, max_batch=4)
+    engine._ensure(model.config.context_length)  # the thread waits for work: nothing else touches the cache
+    engine._k.fill_(float("nan"))
+    engine._v.fill_(float("nan"))
+    joiners = [([7, 8], 3), (list(range(100, 112)), 17), ([9], 5), ([40, 41, 42], 6)]
+    assert_each_as_alone(model, staggered(engine, model, joiners))
