@@ -23,6 +23,7 @@ from finetune.tokenizer import EOT_ID
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 STYLE_KEY = "finetune_prompt_style"  # beside chat_template in tokenizer_config.json: the style by name
+MAX_NEW_TOKENS_KEY = "finetune_max_new_tokens"  # in generation_config.json: the run's reply length
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,18 @@ def legacy_interface(meta: dict, checkpoint: Path, run_dir: Path | None) -> dict
 
 
 def generation_config(meta: dict) -> dict:
-    """generation_config.json: the model's generation defaults in transformers' names."""
+    """generation_config.json: the model's generation defaults in transformers' names.
+
+    The length is `max_length` = the context, not the run's `max_new_tokens`: transformers lets a stored
+    `max_new_tokens` win over a caller's explicit `max_length` (lm-evaluation-harness passes one), which
+    would cut every such caller at the run's length. A plain generate() then answers until end-of-text or
+    the context, as Llama's exports do; the run's own length is kept under MAX_NEW_TOKENS_KEY for finetune."""
     config = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}
     if meta.get("task") != "lm" or "generation" not in meta:
         return config
     g = interface_of(meta).generation
-    config |= {"max_new_tokens": g.max_new_tokens, "do_sample": g.temperature > 0}
+    config |= {"max_length": meta["model"]["context_length"], MAX_NEW_TOKENS_KEY: g.max_new_tokens,
+               "do_sample": g.temperature > 0}
     if g.temperature > 0:
         config |= {"temperature": g.temperature, "top_k": g.top_k or 0, "top_p": g.top_p or 1.0}
     if g.stop:
@@ -108,10 +115,11 @@ def read_export_interface(directory: Path) -> dict:
     if isinstance(tokenizer.get(STYLE_KEY), str):
         found["prompt_style"] = check_style(tokenizer[STYLE_KEY], f"{directory / TOKENIZER_CONFIG}: {STYLE_KEY}")
     config = _json_file(Path(directory) / GENERATION_CONFIG)
-    if "max_new_tokens" in config:
+    length = config.get(MAX_NEW_TOKENS_KEY, config.get("max_new_tokens"))  # the latter: exports before 0.3
+    if length is not None:
         sampled = config.get("do_sample", False)
         found["generation"] = asdict(Generation(
-            max_new_tokens=int(config["max_new_tokens"]),
+            max_new_tokens=int(length),
             temperature=float(config.get("temperature", 1.0)) if sampled else 0.0,
             top_k=(config.get("top_k") or None) if sampled else None,
             top_p=(config["top_p"] if config.get("top_p", 1.0) < 1.0 else None) if sampled else None,

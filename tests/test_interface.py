@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from finetune.data import INSTRUCTIONS, PREFERENCES, bundled
 
 from finetune.checkpoint import write_directory
@@ -69,7 +70,30 @@ def test_an_exports_chat_template_renders_the_prompt_the_run_trained_on(tmp_path
     assert tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False) == format_prompt(
         style, records[-1]["instruction"])
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert generation["max_new_tokens"] == 7 and generation["do_sample"] is False and generation["eos_token_id"] == 50256
+    assert generation["finetune_max_new_tokens"] == 7 and generation["do_sample"] is False
+    assert generation["eos_token_id"] == 50256 and "max_new_tokens" not in generation
+
+
+def test_an_exports_generation_length_yields_to_the_callers(tmp_path):
+    """transformers on an export: a caller's max_length (lm-evaluation-harness's) and max_new_tokens are each
+    honoured, and a plain generate() answers up to the context, not the run's max_new_tokens (7 here)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_embd=32, n_layer=2, n_head=2, context_length=40))
+    write_directory(tmp_path / "ckpt", model_files(model, interface_meta("alpaca", Generation(max_new_tokens=7), seed=1)))
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = torch.tensor([[464, 3290, 318]])
+
+    def new_tokens(**kwargs) -> int:
+        out = reference.generate(prompt, attention_mask=torch.ones_like(prompt), pad_token_id=50256, **kwargs)
+        return out.shape[1] - prompt.shape[1]
+
+    assert new_tokens(max_length=3 + 24) == 24  # (this seeded model never ends its text early)
+    assert new_tokens(max_new_tokens=5) == 5
+    assert new_tokens() == 40 - 3  # to the context
+    assert load_for_use(str(tmp_path / "hf")).interface.generation.max_new_tokens == 7  # finetune's own default
 
 
 # -- the same reply from every form of a model ----------------------------------------------------
