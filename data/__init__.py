@@ -20,27 +20,32 @@ class BundledFile:
     relative: str  # path inside this package
     sha256: str
     url: str  # where to get the published file again
+    title: str  # how messages name it (not by its path inside site-packages)
 
 
 SMS_SPAM = BundledFile(
     "sms-spam-collection/SMSSpamCollection",
     "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
     "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+    "the bundled SMS Spam Collection",
 )
 INSTRUCTIONS = BundledFile(
     "instruction-data/instruction-data.json",
     "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json",
+    "the bundled instruction data",
 )
 THE_VERDICT = BundledFile(
     "the-verdict/the-verdict.txt",
     "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
+    "the bundled The Verdict",
 )
 PREFERENCES = BundledFile(
     "instruction-data-with-preference/instruction-data-with-preference.json",
     "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+    "the bundled preference data",
 )
 
 

@@ -34,6 +34,12 @@ class Table:
     frame: pd.DataFrame
     lines: list[int] | None = None  # file line of each record, for line-based formats
     unit: str = "row"  # what a record is called otherwise: a row (CSV, Parquet) or a record (JSON list)
+    delimiter: str | None = None  # a CSV/TSV file's separator
+    title: str | None = None  # how messages name the file, when not by its path (bundled data)
+
+    @property
+    def name(self) -> str:
+        return self.title or str(self.path)
 
     def place(self, i: int) -> str:
         """`line N`, `row N` or `record N` for the i-th record (0-based)."""
@@ -41,12 +47,15 @@ class Table:
 
     def where(self, i: int) -> str:
         """`file:N` (a line) or `file: row N` for the i-th record, as errors name it."""
-        return f"{self.path}:{self.lines[i]}" if self.lines is not None else f"{self.path}: {self.place(i)}"
+        return f"{self.name}:{self.lines[i]}" if self.lines is not None else f"{self.name}: {self.place(i)}"
 
     def column(self, name: str, setting: str) -> pd.Series:
         if name not in self.frame.columns:
             found = ", ".join(map(str, self.frame.columns))
-            raise UserError(f"{self.path}: no column '{name}' (columns: {found}); set {setting}")
+            if len(self.frame.columns) == 1 and self.delimiter is not None:
+                raise UserError(f"{self.name}: no column '{name}'; one column found with delimiter {self.delimiter!r} "
+                                f"('{found}'): if the file uses another separator, set data.delimiter (or data.format)")
+            raise UserError(f"{self.name}: no column '{name}' (columns: {found}); set {setting}")
         return self.frame[name]
 
 
@@ -61,8 +70,9 @@ def detect_format(path: Path, fmt: str | None) -> str:
 
 
 def read_table(path: str | Path, fmt: str | None = None, delimiter: str | None = None,
-               setting: str = "data.path") -> Table:
-    """All records of `path`, every CSV/TSV/JSON value kept as written (no type guessing for CSV)."""
+               setting: str = "data.path", title: str | None = None) -> Table:
+    """All records of `path`, every CSV/TSV/JSON value kept as written (no type guessing for CSV).
+    `title`: how messages name the file instead of its path."""
     path = Path(path)
     fmt = detect_format(path, fmt)
     if not path.is_file():
@@ -79,6 +89,7 @@ def read_table(path: str | Path, fmt: str | None = None, delimiter: str | None =
         table = _read_raw(path)
     if table.frame.empty:
         raise UserError(f"{path}: no records; check {setting} and data.format")
+    table.title = title
     return table
 
 
@@ -94,10 +105,7 @@ def _read_delimited(path: Path, delimiter: str) -> Table:
         detail = " ".join(str(e).split()).removeprefix("Error tokenizing data. C error: ")
         raise UserError(f"{path}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({detail}); "
                         f"check the quoting of that row and data.delimiter") from None
-    if len(frame.columns) == 1:
-        raise UserError(f"{path}: one column found with delimiter {delimiter!r}; the file uses another "
-                        "separator: set data.delimiter (or data.format)")
-    return Table(path, frame)
+    return Table(path, frame, delimiter=delimiter)  # one column is valid (texts to classify)
 
 
 def _records(path: Path, rows: list[tuple[int | None, object]], what: str) -> Table:

@@ -160,7 +160,7 @@ def read_labelled(table: Table, config: ClassificationData) -> list[tuple[str, s
             duplicates.append((i, first_seen[text]))
     if duplicates:
         i, original = duplicates[0]
-        warnings.warn(f"{table.path}: {len(duplicates)} duplicate text(s) kept, e.g. {table.place(i)} repeats "
+        warnings.warn(f"{table.name}: {len(duplicates)} duplicate text(s) kept, e.g. {table.place(i)} repeats "
                       f"{table.place(original)}", stacklevel=2)
     return rows
 
@@ -311,7 +311,8 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
             if d.path is None and self.bundled is None:
                 raise UserError("no data: set data.path (one file, split by fractions) or data.train_path and "
                                 "data.val_path (separate files)")
-            table = read_table(d.path or bundled(self.bundled), d.format, d.delimiter)
+            title = None if d.path or self.bundled is None else self.bundled.title
+            table = read_table(d.path or bundled(self.bundled), d.format, d.delimiter, title=title)
             rows = read_labelled(table, d)
             names = class_names(rows, table, d)
             examples = index_rows(rows, table, names, d.labels is not None)

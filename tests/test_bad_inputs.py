@@ -173,7 +173,7 @@ CASES = [
     ("table-labels-miss-one", lambda o, d, f: classification(o, f / "tickets.csv", "data.labels=[a, b]"),
      "tickets.csv: row 3: unknown label 'c' (classes: a, b); add it to data.labels"),
     ("table-malformed-csv", lambda o, d, f: classification(o, f / "malformed.csv"), "malformed.csv: malformed CSV (Expected 2 fields in line 3, saw 3)"),
-    ("table-wrong-delimiter", lambda o, d, f: classification(o, f / "semicolons.csv"), "semicolons.csv: one column found with delimiter ','"),
+    ("table-wrong-delimiter", lambda o, d, f: classification(o, f / "semicolons.csv"), "semicolons.csv: no column 'body'; one column found with delimiter ','"),
     ("table-not-utf8", lambda o, d, f: classification(o, f / "latin1.csv"), "latin1.csv:3: not UTF-8"),
     ("table-broken-parquet", lambda o, d, f: classification(o, f / "broken.parquet"), "broken.parquet: cannot read as Parquet"),
     ("table-json-not-objects", lambda o, d, f: classification(o, f / "numbers.json"), "numbers.json: record 1: expected a JSON object"),

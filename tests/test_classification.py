@@ -75,6 +75,11 @@ def test_six_classes_from_a_csv_end_to_end(tickets, tmp_path, capsys, monkeypatc
     preds = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert list(preds.columns) == ["text", "predicted", "probability", *[f"p_{n}" for n in names]]
     assert np.allclose(preds[[f"p_{n}" for n in names]].sum(axis=1), 1, atol=1e-5)
+    # A CSV with only the text column is valid input for predictions, with the same answers.
+    pd.DataFrame({"body": [t for _, t in test_rows]}).to_csv(tmp_path / "texts.csv", index=False)
+    code, _, err = cli(capsys, "predict", str(out), "--data", str(tmp_path / "texts.csv"), "--out", str(tmp_path / "q.csv"))
+    assert code == 0, err
+    assert pd.read_csv(tmp_path / "q.csv", keep_default_na=False).equals(preds)
     code, printed, _ = cli(capsys, "eval", str(out), "--split", "test", "--json")
     evaluated = json.loads(printed)["test"]
     assert evaluated == test
