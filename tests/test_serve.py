@@ -504,11 +504,15 @@ def test_ctrl_c_twice_stops_the_server_mid_stream_without_a_traceback(tmp_path):
     from finetune.checkpoint import write_directory
     from finetune.serialization import model_files
 
-    write_directory(tmp_path / "tiny", model_files(tiny_lm(seed=3), {}))
-    process, url = serve_command(tmp_path / "tiny")
+    # The replies must outlast both Ctrl-Cs: 4 x 1,000 greedy tokens of a model that makes a few hundred a
+    # second (250 tokens of gpt2-tiny once all ended within the 0.2 s between them, and the server exited 0).
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(n_embd=256, n_layer=8, n_head=8, context_length=1024)).eval()
+    write_directory(tmp_path / "slow", model_files(model, {}))
+    process, url = serve_command(tmp_path / "slow")
 
     def stream() -> None:
-        body = json.dumps({"prompt": "The", "max_tokens": 250, "stream": True}).encode()
+        body = json.dumps({"prompt": "The", "max_tokens": 1000, "temperature": 0, "stream": True}).encode()
         try:
             urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", body, {"content-type": "application/json"})).read()
         except Exception:  # the reply is cut short: that is the point
