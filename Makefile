@@ -1,5 +1,5 @@
 # One command each (GNU make): `make demo` installs the toolkit and trains an offline preset end to end;
-# `make test` installs what the tests need and runs them, as CI does (.ci/run).
+# `make test` installs what the tests need, lints, type-checks and runs them, as CI does (.ci/run).
 .PHONY: demo test
 
 demo:
@@ -11,5 +11,8 @@ test:
 	pip install torch==2.13.0
 	pip install -e ".[dev]"
 	pip install --no-deps llms-from-scratch==1.0.19
+	ruff check finetune recipes evals
+	ruff format --check finetune recipes evals
+	mypy
 	mkdocs build --strict --site-dir "$${TMPDIR:-/tmp}/finetune-site"
 	python -m pytest -q

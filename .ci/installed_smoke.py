@@ -40,7 +40,7 @@ teams = ("billing", "shipping", "returns")
 Path("tickets.csv").write_text("id,body,team\n" + "".join(
     f'{i},"ticket {i} about {team},\nsecond line",{team}\n' for i in range(30) for team in teams))
 
-from finetune.data import PREFERENCES, bundled  # noqa: E402
+from finetune.datasets import PREFERENCES, bundled  # noqa: E402
 
 Path("prefs.json").write_text(json.dumps(json.loads(bundled(PREFERENCES).read_text())[:40]))
 assert not Path(finetune.__file__).resolve().is_relative_to(checkout), finetune.__file__

@@ -25,9 +25,9 @@ CASES = [("instruct", "all"), ("dpo", "all"), ("instruct", "lora"), ("dpo", "lor
 
 
 def one_run(recipe: str, trainable: str, preset: str, pairs: int, max_length: int, records: int) -> dict:
-    from finetune.data import PREFERENCES, bundled
+    from finetune.datasets import PREFERENCES, bundled
 
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     root = Path(tempfile.mkdtemp())
     data = root / "prefs.json"
@@ -47,7 +47,7 @@ def one_run(recipe: str, trainable: str, preset: str, pairs: int, max_length: in
 
 
 def weights_mib(preset: str) -> float:
-    from finetune.model import GPT, GPTConfig
+    from finetune.model.gpt import GPT, GPTConfig
 
     return GPT(GPTConfig.from_preset(preset)).num_parameters() * 4 / 2**20
 

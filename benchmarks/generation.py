@@ -62,7 +62,7 @@ def run_case(name: str, batch: int, prompt_len: int, new: int, repeats: int, dty
                                   min_new_tokens=n, do_sample=False, pad_token_id=0)
     else:
         from finetune import GPT, GPTConfig
-        from finetune.generate import generate
+        from finetune.inference.generate import generate
 
         model = GPT(GPTConfig.from_preset("gpt2")).eval().to(dtype)
 

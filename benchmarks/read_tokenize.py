@@ -42,11 +42,11 @@ def write_csv(path: Path, rows: int) -> None:
 
 def measure(path: str, how: str) -> None:
     """In its own process: read + check every row, then tokenize; prints one JSON object."""
-    from finetune.recipes.classification import ClassificationData, read_labelled
+    from finetune.recipes.labelled_data import ClassificationData, read_labelled
 
-    from finetune.classification_inputs import tokenize
-    from finetune.tables import read_table
-    from finetune.tokenizer import get_tokenizer
+    from finetune.data.classification_inputs import tokenize
+    from finetune.data.tables import read_table
+    from finetune.model.tokenizer import get_tokenizer
 
     get_tokenizer()  # load the BPE files before timing
     start = time.perf_counter()

@@ -31,8 +31,8 @@ def start_server(preset: str, max_batch: int) -> tuple[str, object]:
     import uvicorn
 
     from finetune import GPT, GPTConfig
-    from finetune.inference import Loaded
-    from finetune.server import create_app
+    from finetune.inference.loading import Loaded
+    from finetune.serve.app import create_app
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(preset)).eval()

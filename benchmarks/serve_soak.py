@@ -36,8 +36,8 @@ def serve(port_out, preset: str, max_batch: int) -> None:
     import uvicorn
 
     from finetune import GPT, GPTConfig
-    from finetune.inference import Loaded
-    from finetune.server import create_app
+    from finetune.inference.loading import Loaded
+    from finetune.serve.app import create_app
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(preset)).eval()

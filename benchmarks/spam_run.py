@@ -35,7 +35,7 @@ def spam_config(output_dir: str, epochs: int, precision: str):
     from finetune.recipes.spam import SpamConfig
 
     from finetune.config import load_config
-    from finetune.registry import config_path
+    from finetune.training.registry import config_path
 
     config_file = config_path("spam")
     mixed = "bf16" if precision == "bf16" else "no"
@@ -97,7 +97,7 @@ def run_flops(config, lengths: dict[str, list[int]], cached: bool) -> float:
 def run_ours(config) -> dict:
     from finetune.recipes.spam import RECIPE
 
-    from finetune.recipe import train
+    from finetune.training.recipe import train
 
     metrics = train(RECIPE, config, quiet=True)
     return {"test_accuracy": metrics["test"]["accuracy"]}
@@ -110,7 +110,7 @@ def run_transformers(config) -> dict:
     from finetune.recipes.spam import RECIPE
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from finetune.classification_inputs import Collate
+    from finetune.data.classification_inputs import Collate
 
     torch.manual_seed(config.train.seed)
     model = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=50256))

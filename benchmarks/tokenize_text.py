@@ -29,7 +29,7 @@ FILES = 100
 
 def write_corpus(directory: Path, megabytes: int) -> int:
     """FILES text files of shuffled paragraphs; returns the bytes written."""
-    from finetune.data import THE_VERDICT, bundled
+    from finetune.datasets import THE_VERDICT, bundled
 
     paragraphs = [p for p in bundled(THE_VERDICT).read_text(encoding="utf-8").split("\n\n") if p.strip()]
     rng, per_file, written = random.Random(0), megabytes * 2**20 // FILES, 0
@@ -47,8 +47,8 @@ def write_corpus(directory: Path, megabytes: int) -> int:
 
 def measure(corpus: str, cache: str) -> None:
     """In its own process: the recipe's tokenization (or cache lookup); prints one JSON object."""
-    from finetune.corpus import find_sources, tokenized
-    from finetune.tokenizer import get_tokenizer
+    from finetune.data.corpus import find_sources, tokenized
+    from finetune.model.tokenizer import get_tokenizer
 
     get_tokenizer()  # load the BPE files before timing
     start = time.perf_counter()

@@ -56,9 +56,9 @@ IMPLEMENTATIONS = ("ours", "transformers")
 
 def build_ours(method: str) -> torch.nn.Module:
     from finetune import GPT, GPTConfig
-    from finetune.classifier import GPTClassifier
-    from finetune.lora import apply_lora
-    from finetune.trainable import mark_trainable
+    from finetune.model.classifier import GPTClassifier
+    from finetune.model.lora import apply_lora
+    from finetune.training.trainable import mark_trainable
 
     if method == "instruct":
         return GPT(GPTConfig.from_preset("gpt2"))
@@ -92,7 +92,7 @@ def build_transformers(method: str, setting: str) -> torch.nn.Module:
 
 def run_case(implementation: str, method: str, steps: int, batch: int, length: int, precision: str,
              setting: str) -> dict:
-    from finetune.trainer import adamw
+    from finetune.training.trainer import adamw
 
     torch.manual_seed(0)
     model = build_ours(method) if implementation == "ours" else build_transformers(method, setting)
@@ -107,7 +107,7 @@ def run_case(implementation: str, method: str, steps: int, batch: int, length: i
     labels = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(2))
 
     targets = torch.roll(ids, -1, dims=1)
-    from finetune.losses import next_token_loss
+    from finetune.model.losses import next_token_loss
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):

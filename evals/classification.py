@@ -14,7 +14,10 @@ from sklearn.metrics import (
 
 
 def classification_metrics(
-    labels: Sequence[int], predictions: Sequence[int], label_names: Sequence[str], loss: float | None = None,
+    labels: Sequence[int] | np.ndarray,
+    predictions: Sequence[int] | np.ndarray,
+    label_names: Sequence[str],
+    loss: float | None = None,
     positive: int = 1,
 ) -> dict:
     """Accuracy, macro and weighted F1, per-class precision/recall/F1/support, and the confusion matrix
@@ -26,7 +29,8 @@ def classification_metrics(
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     classes = list(range(len(label_names)))
     precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predictions, labels=classes, average=None, zero_division=0)
+        labels, predictions, labels=classes, average=None, zero_division=0
+    )
     headline = positive if len(classes) == 2 else slice(None)
     metrics = {
         "n": int(len(labels)),
@@ -36,8 +40,10 @@ def classification_metrics(
         "f1": float(np.mean(f1[headline])),
         "macro_f1": float(f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(labels, predictions, labels=classes, average="weighted", zero_division=0)),
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for name, p, r, f, s in zip(label_names, precision, recall, f1, support)},
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(label_names, precision, recall, f1, support, strict=True)
+        },
         "confusion_matrix": confusion_matrix(labels, predictions, labels=classes).tolist(),
         "labels": list(label_names),
     }

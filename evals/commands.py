@@ -23,12 +23,11 @@ def run_score(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
+    from finetune.checkpoints.atomic import write_text_atomic
+    from finetune.data.prompts import format_prompt
     from finetune.evals.generation import read_responses, reference_metrics
     from finetune.evals.judge import JudgeClient, judge_all
-
-    from finetune.checkpoint import write_text_atomic
     from finetune.progress import progress
-    from finetune.prompts import format_prompt
 
     if bool(args.judge_url) != bool(args.judge_model):
         raise UserError("--judge-url and --judge-model go together")
@@ -39,11 +38,19 @@ def run_score(args: argparse.Namespace) -> None:
     per_example = [dict(r) for r in reference["per_example"]]
     if args.judge_url:
         client = JudgeClient(args.judge_url, args.judge_model, timeout=args.timeout, retries=args.retries)
-        items = [{"prompt": format_prompt("alpaca", r["instruction"], r.get("input", "")).rstrip(),
-                  "reference": r["output"], "response": r["response"]} for r in rows]
+        items = [
+            {
+                "prompt": format_prompt(
+                    r.get("prompt_style") or "alpaca", r["instruction"], r.get("input", "")
+                ).rstrip(),
+                "reference": r["output"],
+                "response": r["response"],
+            }
+            for r in rows
+        ]
         judged, records = judge_all(client, items, lambda it: progress(it, "judging"))
         summary.update(judged)
-        for example, record in zip(per_example, records):
+        for example, record in zip(per_example, records, strict=True):
             example.update(judge_score=record["score"], judge_error=record["error"])
         write_text_atomic(path.with_suffix(".judge.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     write_text_atomic(path.with_suffix(".scores.json"), json.dumps({**summary, "per_example": per_example}, indent=2))
@@ -53,5 +60,8 @@ def run_score(args: argparse.Namespace) -> None:
         print(f"n={summary['n']}  ROUGE-L={summary['rouge_l']:.4f}  exact match={summary['exact_match']:.2%}")
         if args.judge_url:
             mean = "n/a" if summary["judge_mean"] is None else f"{summary['judge_mean']:.1f}"
-            print(f"judge {args.judge_model}: mean {mean} over {summary['judge_scored']} scored, {summary['judge_failed']} failed")
+            print(
+                f"judge {args.judge_model}: mean {mean} over {summary['judge_scored']} scored, "
+                f"{summary['judge_failed']} failed"
+            )
         print(f"details in {path.with_suffix('.scores.json')}")

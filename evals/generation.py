@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer
 
+from finetune.data.files import jsonl_rows, read_text
 from finetune.errors import UserError
-from finetune.files import jsonl_rows, read_text
 
 ROUGE_TYPE = "rougeL"
 
@@ -17,7 +17,10 @@ ROUGE_TYPE = "rougeL"
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
     """ROUGE-L F-measure per pair, as `rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)`."""
     scorer = rouge_scorer.RougeScorer([ROUGE_TYPE], use_stemmer=True)
-    return [scorer.score(reference, prediction)[ROUGE_TYPE].fmeasure for prediction, reference in zip(predictions, references)]
+    return [
+        scorer.score(reference, prediction)[ROUGE_TYPE].fmeasure
+        for prediction, reference in zip(predictions, references, strict=True)
+    ]
 
 
 def normalize(text: str) -> str:
@@ -26,7 +29,7 @@ def normalize(text: str) -> str:
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
     """1.0 where the response equals the reference after lower-casing, collapsing whitespace and a final period."""
-    return [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references)]
+    return [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references, strict=True)]
 
 
 def reference_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
@@ -37,12 +40,13 @@ def reference_metrics(predictions: Sequence[str], references: Sequence[str]) -> 
         "n": n,
         "rouge_l": sum(rouge) / n if n else 0.0,
         "exact_match": sum(exact) / n if n else 0.0,
-        "per_example": [{"rouge_l": r, "exact_match": e} for r, e in zip(rouge, exact)],
+        "per_example": [{"rouge_l": r, "exact_match": e} for r, e in zip(rouge, exact, strict=True)],
     }
 
 
 def read_responses(path: Path) -> list[dict]:
-    """Rows of a responses.jsonl: `instruction`, `input`, `output` (reference) and `response`."""
+    """Rows of a responses.jsonl: `instruction`, `input`, `output` (reference), `response` and (since 0.3)
+    `prompt_style`, the style the model was asked in."""
     rows = []
     for number, row in jsonl_rows(path, read_text(path, "responses", "the path (a responses.jsonl file)")):
         if not isinstance(row, dict):

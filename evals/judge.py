@@ -70,7 +70,12 @@ class JudgeClient:
     def _chat(self, message: str) -> str:
         messages = [{"role": "user", "content": message}]
         if self.api == "ollama":
-            body = {"model": self.model, "messages": messages, "stream": False, "options": {"temperature": 0, "seed": 123}}
+            body = {
+                "model": self.model,
+                "messages": messages,
+                "stream": False,
+                "options": {"temperature": 0, "seed": 123},
+            }
         else:
             body = {"model": self.model, "messages": messages, "temperature": 0}
         headers = {"Content-Type": "application/json"}
@@ -86,7 +91,9 @@ class JudgeClient:
             raise error(f"HTTP {e.code}", detail) from e
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise _Retryable(f"timeout after {self.timeout:g}s" if isinstance(reason, TimeoutError) else f"unreachable: {reason}") from e
+            raise _Retryable(
+                f"timeout after {self.timeout:g}s" if isinstance(reason, TimeoutError) else f"unreachable: {reason}"
+            ) from e
         try:
             document = json.loads(text)
             if self.api == "ollama":

@@ -11,7 +11,9 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_curves(history: list[dict], path: Path, metric: str | Sequence[str] | None = None, seen: str | None = None) -> None:
+def plot_curves(
+    history: list[dict], path: Path, metric: str | Sequence[str] | None = None, seen: str | None = None
+) -> None:
     """Train and validation loss against steps; beside it validation metrics (e.g. accuracy; also the
     training values where steps log them), or the loss against what training has seen (`seen="tokens"`:
     the book's tokens-seen axis)."""
@@ -21,13 +23,13 @@ def plot_curves(history: list[dict], path: Path, metric: str | Sequence[str] | N
     shown_metrics = [m for m in wanted if any(m in r for r in val)]
     panels = 1 + bool(seen) + len(shown_metrics)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-    for ax, x in zip(axes[0], ["step", f"{seen}_seen"] if seen else ["step"]):
+    for ax, x in zip(axes[0], ["step", f"{seen}_seen"] if seen else ["step"], strict=False):
         shown = [[r for r in rows if x in r] for rows in (train, val)]  # rows of an older version lack a count
         ax.plot([r[x] for r in shown[0]], [r["loss"] for r in shown[0]], label="train", alpha=0.6)
         ax.plot([r[x] for r in shown[1]], [r["loss"] for r in shown[1]], "o-", label="validation")
         ax.set(xlabel=x.replace("_", " "), ylabel="loss", title="Loss")
         ax.legend()
-    for ax, name in zip(axes[0][panels - len(shown_metrics):], shown_metrics):
+    for ax, name in zip(axes[0][panels - len(shown_metrics) :], shown_metrics, strict=True):
         logged = [r for r in train if name in r]
         if logged:
             ax.plot([r["step"] for r in logged], [r[name] for r in logged], label="train", alpha=0.6)
@@ -45,8 +47,15 @@ def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path:
     side = max(4.0, 0.6 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(side + 0.5, side))
     ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-           xlabel="predicted", ylabel="true", title=title)
+    ax.set(
+        xticks=range(len(labels)),
+        yticks=range(len(labels)),
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
     if len(labels) > 3:
         plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     peak = max(max(row) for row in matrix) or 1

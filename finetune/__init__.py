@@ -12,11 +12,16 @@ from typing import TYPE_CHECKING
 from finetune.errors import UserError
 
 if TYPE_CHECKING:
-    from finetune.model import GPT, PRESETS, GPTConfig
-    from finetune.weights import build_model, load_pretrained
+    from finetune.formats.loading import build_model, load_pretrained
+    from finetune.model.gpt import GPT, PRESETS, GPTConfig
 
-_LAZY = {"GPT": "finetune.model", "GPTConfig": "finetune.model", "PRESETS": "finetune.model",
-         "build_model": "finetune.weights", "load_pretrained": "finetune.weights"}
+_LAZY = {
+    "GPT": "finetune.model.gpt",
+    "GPTConfig": "finetune.model.gpt",
+    "PRESETS": "finetune.model.gpt",
+    "build_model": "finetune.formats.loading",
+    "load_pretrained": "finetune.formats.loading",
+}
 __all__ = ["GPT", "GPTConfig", "PRESETS", "UserError", "build_model", "load_pretrained"]
 
 

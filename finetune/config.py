@@ -7,6 +7,7 @@ reported as one line naming the key, and the file and line it came from.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -47,7 +48,9 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 class Section(BaseModel):
@@ -57,7 +60,8 @@ class Section(BaseModel):
 class ModelSection(Section):
     name: str = Field("gpt2", description="preset, hub id, checkpoint directory or book .pth")
     init: Literal["pretrained", "random", "book"] = Field(
-        "pretrained", description="random: GPT-2's init; book: the book's GPTModel init (PyTorch defaults, untied head)")
+        "pretrained", description="random: GPT-2's init; book: the book's GPTModel init (PyTorch defaults, untied head)"
+    )
     dropout: Float = Field(0.0, ge=0.0, lt=1.0)
 
 
@@ -83,7 +87,8 @@ class TrainSection(Section):
     min_lr_ratio: Float = Field(0.1, ge=0.0, le=1.0, description="cosine decays to lr * min_lr_ratio")
     seed: int = 123
     mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
-        None, description="null: as accelerate was launched (--mixed_precision, accelerate config); fp32 otherwise")
+        None, description="null: as accelerate was launched (--mixed_precision, accelerate config); fp32 otherwise"
+    )
     tf32: bool = Field(True, description="TF32 matmuls for fp32 work on GPUs that have them (Ampere and later)")
     eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps; 0 = at epoch ends only")
     eval_at_start: bool = Field(False, description="evaluate the untrained model first (step 0)")
@@ -92,10 +97,14 @@ class TrainSection(Section):
     best_metric: str = Field("loss", description="validation metric that picks the kept model")
     best_mode: Literal["min", "max"] = "min"
     patience: int | None = Field(None, ge=1, description="stop after N evaluations without improvement")
-    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient stops the run, or skips the batch")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient stops the run, or skips the batch"
+    )
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
-        [], description="experiment trackers that get the config, every metric and the plots (each an extra: "
-                        "pip install \"finetune-gpt2[tensorboard]\")")
+        [],
+        description="experiment trackers that get the config, every metric and the plots (each an extra: "
+        'pip install "finetune-gpt2[tensorboard]")',
+    )
 
 
 class FinetuneSection(Section):
@@ -104,7 +113,7 @@ class FinetuneSection(Section):
 
 
 class LoraSection(Section):
-    """Used when finetune.trainable=lora; target names are listed in finetune/lora.py."""
+    """Used when finetune.trainable=lora; target names are listed in finetune/model/lora.py."""
 
     rank: int = Field(8, ge=1)
     alpha: Float = Field(16.0, gt=0.0)
@@ -126,7 +135,7 @@ class RunConfig(Section):
     lora: LoraSection = LoraSection()
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
+    def _check(self) -> RunConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other; choose one")
         return self
@@ -138,9 +147,10 @@ class RunConfig(Section):
 C = TypeVar("C", bound=RunConfig)
 
 
-def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()) -> C:
+def load_config(cls: type[C], path: str | Path | None, overrides: Sequence[str] = ()) -> C:
     """Validate a YAML file (or the defaults, without one) with `key=value` overrides on top."""
-    raw, lines = {}, {}
+    raw: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
     source = str(path) if path else "defaults"
     if path is not None:
         raw, lines = _read_yaml(Path(path))

@@ -12,5 +12,5 @@ def show_progress(quiet: bool = False) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def progress(iterable: Iterable, desc: str, quiet: bool = False, **kwargs) -> tqdm:
+def progress(iterable: Iterable | None, desc: str, quiet: bool = False, **kwargs) -> tqdm:
     return tqdm(iterable, desc=desc, disable=not show_progress(quiet), dynamic_ncols=True, **kwargs)

@@ -10,10 +10,7 @@ regression baseline on the same split) -> report (metrics.json, curves.png, conf
 
 from __future__ import annotations
 
-import math
-import random
-import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -21,69 +18,51 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from finetune.data import BundledFile, bundled
-from finetune.evals.classification import classification_metrics
-from finetune.evals.plots import plot_confusion, plot_curves
-from finetune.recipes import PRESETS
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from finetune.classification_inputs import (
+from finetune.datasets import BundledFile, bundled
+from finetune.recipe_api import (
+    SPLITS,
+    CachedFeatures,
     Collate,
+    CollateFeatures,
     Encoded,
     Example,
+    Examples,
+    FinetuneSection,
+    GPTClassifier,
+    ModelSection,
+    Recipe,
+    RunConfig,
+    Setup,
+    TrainSection,
+    UserError,
+    build_model,
     by_length,
-    encode,
+    cache_splits,
+    classification_metrics,
+    evaluate_splits,
+    plot_confusion,
+    plot_curves,
+    read_table,
     tokenize,
     truncate,
 )
-from finetune.classifier import GPTClassifier
-from finetune.config import (
-    FinetuneSection,
-    Float,
-    ModelSection,
-    RunConfig,
-    Section,
-    TrainSection,
+from finetune.recipe_api import (
+    encode_examples as encode,
 )
-from finetune.errors import UserError
-from finetune.features import CollateFeatures, cache_splits
-from finetune.recipe import SPLITS, Recipe, Setup, evaluate_splits
-from finetune.tables import Format, Table, read_table
-from finetune.weights import build_model
+from finetune.recipes.labelled_data import (
+    ClassificationData,
+    LabelledData,
+    balanced,
+    class_names,
+    index_rows,
+    label_name,
+    read_labelled,
+    split_examples,
+)
 
 # -- config -------------------------------------------------------------------------------------
-
-
-class ClassificationData(Section):
-    path: str | None = Field(None, description="one file, split into train/val/test by the fractions below")
-    train_path: str | None = Field(None, description="separate files instead: train_path + val_path (+ test_path)")
-    val_path: str | None = None
-    test_path: str | None = None
-    format: Format | None = Field(None, description="csv, tsv, json, jsonl, parquet or raw (label<TAB>text "
-                                                             "lines, no header or quoting); null = from the extension")
-    delimiter: str | None = Field(None, description="CSV/TSV field separator; null = ',' for csv, tab for tsv")
-    text_field: str = Field("text", description="column holding the text")
-    label_field: str = Field("label", description="column holding the class (a string or an integer)")
-    labels: list[str | int] | None = Field(None, min_length=2, description="the classes in head order; null = "
-                                                                           "sorted from the training data")
-    positive_label: str | int | None = Field(None, description="two classes: the one whose precision/recall/F1 "
-                                                               "are reported; null = the second label")
-    balance: bool = Field(False, description="undersample every class of the training data to the rarest, as the "
-                                             "book does for spam")
-    val_fraction: Float = Field(0.1, gt=0.0, lt=1.0)
-    test_fraction: Float = Field(0.2, gt=0.0, lt=1.0)
-    max_length: int | None = Field(None, ge=1, description="tokens per text; null = longest training text")
-    keep: Literal["start", "end"] = Field("start", description="which end of a longer text is kept")
-
-    @model_validator(mode="after")
-    def _sources(self) -> "ClassificationData":
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction + test_fraction must leave some training data (sum < 1)")
-        if self.train_path is not None and self.path is not None:
-            raise ValueError("set data.path (one file to split) or data.train_path/val_path, not both")
-        if (self.train_path is None) != (self.val_path is None) or (self.test_path and not self.train_path):
-            raise ValueError("separate files need data.train_path and data.val_path (data.test_path optional)")
-        return self
 
 
 class ClassifierModel(ModelSection):
@@ -94,12 +73,14 @@ class ClassifierModel(ModelSection):
 
 class ClassificationTrain(TrainSection):
     cache_features: bool = Field(
-        True, description="compute the frozen layers below the first trainable block once per example, not every "
-                          "epoch (only when dropout is 0); costs tokens x n_embd x 4 bytes of memory"
+        True,
+        description="compute the frozen layers below the first trainable block once per example, not every "
+        "epoch (only when dropout is 0); costs tokens x n_embd x 4 bytes of memory",
     )
     class_weights: Literal["balanced"] | None = Field(
-        None, description="balanced = weight each class's loss by n / (classes x count), as scikit-learn's "
-                          "compute_class_weight('balanced') on the training split"
+        None,
+        description="balanced = weight each class's loss by n / (classes x count), as scikit-learn's "
+        "compute_class_weight('balanced') on the training split",
     )
 
 
@@ -112,116 +93,6 @@ class ClassificationConfig(RunConfig):
     finetune: FinetuneSection = FinetuneSection(trainable="last_block")
 
 
-# -- data ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class LabelledData:
-    """Every split as (class index, text) pairs, and the class names in head order."""
-
-    splits: dict[str, list[Example]]
-    labels: list[str]
-
-
-def label_name(value: object) -> str | None:
-    """A class as text: `3`, `3.0` and `"3"` are the same class; None/NaN/blank is no label."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value)).lower()
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return str(int(value)) if float(value).is_integer() else str(float(value))
-    text = str(value)
-    return text if text.strip() else None
-
-
-def sorted_labels(names: set[str]) -> list[str]:
-    """Numeric classes in numeric order (2 before 10), others alphabetically."""
-    if all(name.lstrip("-").isdigit() for name in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
-def read_labelled(table: Table, config: ClassificationData) -> list[tuple[str, str, int]]:
-    """(label name, text, row index) per record, every text and label checked."""
-    texts = table.column(config.text_field, "data.text_field").tolist()
-    labels = table.column(config.label_field, "data.label_field").tolist()
-    rows, first_seen, duplicates = [], {}, []
-    for i, (text, label) in enumerate(zip(texts, labels)):
-        name = label_name(label)
-        if name is None:
-            raise UserError(f"{table.where(i)}: missing label in column '{config.label_field}'")
-        if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{table.where(i)}: empty text in column '{config.text_field}'")
-        rows.append((name, text, i))
-        if first_seen.setdefault(text, i) != i:
-            duplicates.append((i, first_seen[text]))
-    if duplicates:
-        i, original = duplicates[0]
-        warnings.warn(f"{table.name}: {len(duplicates)} duplicate text(s) kept, e.g. {table.place(i)} repeats "
-                      f"{table.place(original)}", stacklevel=2)
-    return rows
-
-
-def class_names(rows: list[tuple[str, str, int]], table: Table, config: ClassificationData) -> list[str]:
-    if config.labels is not None:
-        names = [label_name(v) for v in config.labels]
-        if len(set(names)) != len(names) or None in names:
-            raise UserError(f"data.labels {config.labels} must be distinct, non-empty classes")
-    else:
-        names = sorted_labels({name for name, _, _ in rows})
-    if len(names) < 2:
-        raise UserError(f"{table.path}: only one class ('{names[0]}') in column '{config.label_field}'; "
-                        "classification needs two or more (check data.label_field)")
-    return names
-
-
-def index_rows(rows: list[tuple[str, str, int]], table: Table, names: list[str], listed: bool) -> list[Example]:
-    index = {name: i for i, name in enumerate(names)}
-    examples = []
-    for name, text, i in rows:
-        if name not in index:
-            fix = ("add it to data.labels or fix the row" if listed else
-                   "the training data never has it; move such rows into training or fix the label")
-            raise UserError(f"{table.where(i)}: unknown label '{name}' (classes: {', '.join(names)}); {fix}")
-        examples.append((index[name], text))
-    return examples
-
-
-def split_examples(examples: list[Example], names: list[str], config: ClassificationData, seed: int,
-                   where: Path) -> dict[str, list[Example]]:
-    """Optional undersampling to the rarest class, then a stratified, seeded train/val/test split."""
-    from sklearn.model_selection import train_test_split
-
-    counts = np.bincount([label for label, _ in examples], minlength=len(names))
-    for name, count in zip(names, counts):
-        if count < 3:
-            raise UserError(f"{where}: fewer than 3 examples of class '{name}' ({count}); the stratified "
-                            "split needs at least one per split")
-    if config.balance:
-        examples = balanced(examples, len(names), seed)
-    labels = [label for label, _ in examples]
-    try:
-        rest, test = train_test_split(examples, test_size=config.test_fraction, stratify=labels, random_state=seed)
-        val_share = config.val_fraction / (1 - config.test_fraction)
-        train, val = train_test_split(rest, test_size=val_share, stratify=[m[0] for m in rest], random_state=seed)
-    except ValueError as e:
-        raise UserError(f"{where}: cannot split {len(examples)} examples of {len(names)} classes by "
-                        f"val_fraction={config.val_fraction}, test_fraction={config.test_fraction} "
-                        f"({' '.join(str(e).split())}); add data or change the fractions") from e
-    return {"train": train, "val": val, "test": test}
-
-
-def balanced(examples: list[Example], classes: int, seed: int) -> list[Example]:
-    """Every class undersampled to the size of the rarest (the book's method for spam)."""
-    by_label = [[m for m in examples if m[0] == i] for i in range(classes)]
-    smallest = min(len(group) for group in by_label)
-    rng = random.Random(seed)
-    return [m for group in by_label for m in rng.sample(group, smallest)]
-
-
 def class_weights(train: list[Example], classes: int) -> torch.Tensor:
     """n / (classes x count per class): scikit-learn's compute_class_weight('balanced')."""
     counts = torch.bincount(torch.tensor([label for label, _ in train]), minlength=classes).double()
@@ -230,16 +101,21 @@ def class_weights(train: list[Example], classes: int) -> torch.Tensor:
     return (counts.sum() / (classes * counts)).float()
 
 
-def encode_splits(data: LabelledData, config: ClassificationConfig, context: int,
-                  splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, Encoded], int]:
+def encode_splits(
+    data: LabelledData, config: ClassificationConfig, context: int, splits: tuple[str, ...] = SPLITS
+) -> tuple[dict[str, Encoded], int]:
     """Token ids of `splits` (train among them), cut to data.max_length: by default the longest
     training text, within the model's context."""
     ids = {s: tokenize([text for _, text in data.splits[s]]) for s in splits if s in data.splits}
     max_length = config.data.max_length or min(max(map(len, ids["train"])), context)
     if max_length > context:
         raise UserError(f"data.max_length={max_length} exceeds the model's context length {context}")
-    encoded = {s: Encoded([truncate(row, max_length, config.data.keep) for row in rows],
-                          [label for label, _ in data.splits[s]]) for s, rows in ids.items()}
+    encoded = {
+        s: Encoded(
+            [truncate(row, max_length, config.data.keep) for row in rows], [label for label, _ in data.splits[s]]
+        )
+        for s, rows in ids.items()
+    }
     return encoded, max_length
 
 
@@ -257,7 +133,7 @@ class ClassificationTask:
 
     @staticmethod
     def logits(model, batch: dict) -> torch.Tensor:
-        """From token ids, or from cached features (finetune.features)."""
+        """From token ids, or from cached features (finetune.training.features)."""
         if "hidden" in batch:
             return model(hidden=batch["hidden"], index=batch["index"], start=batch["start"])
         return model(batch["input_ids"], batch["attention_mask"])
@@ -270,7 +146,7 @@ class ClassificationTask:
 
     def count(self, batch: dict) -> float:
         """Examples, or their summed class weights: the trainer divides the loss by this."""
-        if self.weights is None:
+        if self.host_weights is None:
             return len(batch["host_labels"])
         return sum(self.host_weights[label] for label in batch["host_labels"])
 
@@ -294,8 +170,8 @@ class ClassificationTask:
 class Classification(Recipe[ClassificationConfig, LabelledData]):
     """`bundled`: the data file used when a config names none (the SMS spam preset)."""
 
-    presets = PRESETS
     metric_names = ("accuracy", "f1", "macro_f1", "weighted_f1", "precision", "recall", "loss")
+    headline_metric = "accuracy"
 
     def __init__(self, name: str, config: type[ClassificationConfig], bundled_data: BundledFile | None = None) -> None:
         self.name, self.Config, self.bundled = name, config, bundled_data
@@ -309,8 +185,10 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
         d = config.data
         if d.train_path is None:
             if d.path is None and self.bundled is None:
-                raise UserError("no data: set data.path (one file, split by fractions) or data.train_path and "
-                                "data.val_path (separate files)")
+                raise UserError(
+                    "no data: set data.path (one file, split by fractions) or data.train_path and "
+                    "data.val_path (separate files)"
+                )
             title = None if d.path or self.bundled is None else self.bundled.title
             table = read_table(d.path or bundled(self.bundled), d.format, d.delimiter, title=title)
             rows = read_labelled(table, d)
@@ -319,9 +197,9 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
             return LabelledData(split_examples(examples, names, d, config.train.seed, table.path), names)
         paths = {"train": d.train_path, "val": d.val_path, "test": d.test_path}
         tables = {s: read_table(p, d.format, d.delimiter, f"data.{s}_path") for s, p in paths.items() if p}
-        rows = {s: read_labelled(t, d) for s, t in tables.items()}
-        names = class_names(rows["train"], tables["train"], d)
-        splits = {s: index_rows(rows[s], tables[s], names, d.labels is not None) for s in tables}
+        rows_of = {s: read_labelled(t, d) for s, t in tables.items()}
+        names = class_names(rows_of["train"], tables["train"], d)
+        splits = {s: index_rows(rows_of[s], tables[s], names, d.labels is not None) for s in tables}
         if d.balance:
             splits["train"] = balanced(splits["train"], len(names), config.train.seed)
         return LabelledData(splits, names)
@@ -331,51 +209,87 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
         if not isinstance(model, GPTClassifier):
             return GPTClassifier(model, num_classes=len(data.labels), pool=config.model.pool)
         if model.num_classes != len(data.labels):  # a classifier to go on training (exported, or a PEFT adapter)
-            raise UserError(f"model.name: '{config.model.name}' is a classifier of {model.num_classes} classes, "
-                            f"but the data has {len(data.labels)} ({', '.join(data.labels)})")
+            raise UserError(
+                f"model.name: '{config.model.name}' is a classifier of {model.num_classes} classes, "
+                f"but the data has {len(data.labels)} ({', '.join(data.labels)})"
+            )
         model.pool = config.model.pool
         return model
 
-    def setup(self, config: ClassificationConfig, data: LabelledData, model: GPTClassifier,
-              accelerator: Accelerator, quiet: bool) -> Setup:
+    def setup(
+        self,
+        config: ClassificationConfig,
+        data: LabelledData,
+        model: GPTClassifier,
+        accelerator: Accelerator,
+        quiet: bool,
+    ) -> Setup:
         encoded, max_length = encode_splits(data, config, model.gpt.config.context_length, ("train", "val"))
         encoded["val"] = by_length(encoded["val"])
-        collate = Collate.for_pool(config.model.pool, max_length)
-        cached = {}
+        collate: Callable[[list], dict] = Collate.for_pool(config.model.pool, max_length)
+        cached: dict[str, CachedFeatures] = {}
         if config.train.cache_features:
             eval_bs = config.train.eval_batch_size or config.train.batch_size
             cached = cache_splits(model, encoded, collate, eval_bs, accelerator, quiet)
+        datasets: dict[str, Examples] = dict(encoded)
         if cached:
-            encoded.update(cached)
+            datasets.update(cached)
             collate = CollateFeatures(cached["train"].start)
         weights = class_weights(data.splits["train"], len(data.labels)) if config.train.class_weights else None
         task = ClassificationTask(data.labels, weights, positive_index(config, data.labels))
-        meta = {"labels": data.labels, "max_length": max_length, "keep": config.data.keep, "text_field": config.data.text_field}
-        return Setup(encoded["train"], encoded["val"], collate, task, meta, reuse={"cached": cached})
+        meta = {
+            "labels": data.labels,
+            "max_length": max_length,
+            "keep": config.data.keep,
+            "text_field": config.data.text_field,
+        }
+        return Setup(datasets["train"], datasets["val"], collate, task, meta, reuse={"cached": cached})
 
-    def evaluate(self, config: ClassificationConfig, data: LabelledData, model, meta: dict,
-                 splits: tuple[str, ...], accelerator: Accelerator, reuse: dict) -> dict:
+    def evaluate(
+        self,
+        config: ClassificationConfig,
+        data: LabelledData,
+        model,
+        meta: dict,
+        splits: tuple[str, ...],
+        accelerator: Accelerator,
+        reuse: dict,
+    ) -> dict:
         """At the end of training, `reuse["cached"]` holds the features computed for some splits (the
         layers below them are frozen, so they hold for the kept weights too)."""
         cached = reuse.get("cached") or {}
         task = ClassificationTask(meta["labels"], positive=positive_index(config, meta["labels"]))
         batch_size = config.train.eval_batch_size or config.train.batch_size
-        inputs = {}
+        inputs: dict[str, tuple[Examples, Callable[[list], dict]]] = {}
         for split in (s for s in splits if s in data.splits):
             if split in cached:
                 inputs[split] = cached[split], CollateFeatures(cached[split].start)
             else:
-                inputs[split] = (by_length(encode(data.splits[split], meta["max_length"], meta.get("keep", "start"))),
-                                 Collate.for_pool(meta["pool"], meta["max_length"]))
+                inputs[split] = (
+                    by_length(encode(data.splits[split], meta["max_length"], meta.get("keep", "start"))),
+                    Collate.for_pool(meta["pool"], meta["max_length"]),
+                )
         return evaluate_splits(task, model, inputs, batch_size, accelerator)
 
-    def report(self, out: Path, config: ClassificationConfig, data: LabelledData, metrics: dict,
-               history: list[dict], model, quiet: bool) -> tuple[dict, list[str]]:
+    def report(
+        self,
+        out: Path,
+        config: ClassificationConfig,
+        data: LabelledData,
+        metrics: dict,
+        history: list[dict],
+        model,
+        quiet: bool,
+    ) -> tuple[dict, list[str]]:
         metrics["baseline"] = tfidf_baseline(data, positive_index(config, data.labels))
-        plot_curves(history, out / "curves.png", metric="accuracy")
+        plot_curves(history, out / "curves.png", metric=self.headline_metric)
         shown = "test" if "test" in metrics else "val"
-        plot_confusion(metrics[shown]["confusion_matrix"], data.labels, out / "confusion_matrix.png",
-                       f"{shown.capitalize()} confusion matrix")
+        plot_confusion(
+            metrics[shown]["confusion_matrix"],
+            data.labels,
+            out / "confusion_matrix.png",
+            f"{shown.capitalize()} confusion matrix",
+        )
         return metrics, ["curves.png", "confusion_matrix.png"]
 
     def summary_table(self, metrics: dict) -> str:
@@ -389,7 +303,9 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
         if last and len(last["labels"]) > 2:
             rows.append(f"\n{'class':<22}{'precision':>10}{'recall':>8}{'f1':>10}{'support':>8}")
             for name, c in last["per_class"].items():
-                rows.append(f"{name[:21]:<22}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>10.3f}{c['support']:>8}")
+                rows.append(
+                    f"{name[:21]:<22}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>10.3f}{c['support']:>8}"
+                )
         return "\n".join(rows)
 
 

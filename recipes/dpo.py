@@ -21,10 +21,37 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from finetune.data import PREFERENCES, bundled
-from finetune.evals.generation import read_responses
-from finetune.evals.plots import plot_curves
-from finetune.recipes import PRESETS
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from finetune.datasets import PREFERENCES, bundled
+from finetune.recipe_api import (
+    EOT_ID,
+    GPT,
+    IGNORE,
+    Float,
+    ModelSection,
+    Recipe,
+    Record,
+    RunConfig,
+    Section,
+    Setup,
+    UserError,
+    eval_loader,
+    evaluate_splits,
+    get_tokenizer,
+    language_model,
+    lora_layers,
+    merged_model,
+    plot_curves,
+    prompt_tokens,
+    read_fields,
+    read_responses,
+    sequence_logprobs,
+    split_records,
+    write_file_atomic,
+)
 from finetune.recipes.instruct import (
     GenerationSection,
     InstructData,
@@ -32,30 +59,26 @@ from finetune.recipes.instruct import (
     response_markdown,
     test_responses,
 )
-from pydantic import Field
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
-
-from finetune.config import Float, ModelSection, RunConfig, Section
-from finetune.errors import UserError
-from finetune.losses import IGNORE, sequence_logprobs
-from finetune.recipe import Recipe, Setup, evaluate_splits
-from finetune.records import Record, read_fields, split_records
-from finetune.respond import prompt_tokens
-from finetune.tokenizer import EOT_ID, get_tokenizer
-from finetune.trainer import eval_loader
 
 REFERENCE_FILE = "reference_logps.safetensors"
 SPLITS = ("train", "val", "test")
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 # -- config -------------------------------------------------------------------------------------
 
 
 class PreferenceData(InstructData):
-    path: str | None = Field(None, description="JSON list, JSONL, CSV or Parquet file; null = the book's 1,100 "
-                                               "preference records")
+    path: str | None = Field(
+        None, description="JSON list, JSONL, CSV or Parquet file; null = the book's 1,100 preference records"
+    )
     chosen_field: str = Field("chosen", description="the preferred response")
     rejected_field: str = Field("rejected", description="the dispreferred response")
     output_field: str = Field("chosen", description="the reference the test responses are scored against")
@@ -65,10 +88,16 @@ class PreferenceData(InstructData):
 class DPOSection(Section):
     beta: Float = Field(0.1, gt=0.0, description="how far the policy may move from the reference")
     logprob_reduction: Literal["sum", "mean"] = Field(
-        "sum", description="a response's log-probability: summed over its tokens (the paper, TRL) or averaged "
-                           "per token (the book's notebook)")
-    sft_weight: Float = Field(0.0, ge=0.0, description="adds this times the chosen response's mean next-token "
-                                                       "loss (against the likelihood of both responses collapsing)")
+        "sum",
+        description="a response's log-probability: summed over its tokens (the paper, TRL) or averaged "
+        "per token (the book's notebook)",
+    )
+    sft_weight: Float = Field(
+        0.0,
+        ge=0.0,
+        description="adds this times the chosen response's mean next-token "
+        "loss (against the likelihood of both responses collapsing)",
+    )
 
 
 class DPOConfig(RunConfig):
@@ -95,25 +124,31 @@ def read_pairs(data: PreferenceData) -> list[Pair]:
     """Preference records, checked: both responses present and non-empty; identical ones counted."""
     path = Path(data.path) if data.path is not None else bundled(PREFERENCES)
     hint = "set data.{}_field if your file names it differently".format
-    columns = {"instruction": (data.instruction_field, hint("instruction"), True),
-               "input": (data.input_field, hint("input"), False),
-               "chosen": (data.chosen_field, hint("chosen"), True),
-               "rejected": (data.rejected_field, hint("rejected"), True),
-               "output": (data.output_field, hint("output"), False)}
+    columns = {
+        "instruction": (data.instruction_field, hint("instruction"), True),
+        "input": (data.input_field, hint("input"), False),
+        "chosen": (data.chosen_field, hint("chosen"), True),
+        "rejected": (data.rejected_field, hint("rejected"), True),
+        "output": (data.output_field, hint("output"), False),
+    }
     pairs, same = [], []
     for row in read_fields(path, data.format, columns, "data.path (a JSON list, JSONL, CSV or Parquet file)"):
         for name in ("instruction", "chosen", "rejected"):
             if not row[name].strip():
-                raise UserError(f"{row['where']}: empty '{columns[name][0]}'; every record needs an instruction "
-                                "and two responses")
+                raise UserError(
+                    f"{row['where']}: empty '{columns[name][0]}'; every record needs an instruction and two responses"
+                )
         if row["chosen"] == row["rejected"]:
             same.append(row["where"])
         record = Record(row["instruction"], row["input"], row["output"] or row["chosen"])
         pairs.append(Pair(record, row["chosen"], row["rejected"], row["where"]))
     if same:
         example = same[0].removeprefix(str(path)).lstrip(": ")
-        warnings.warn(f"{path}: {len(same)} record(s) with chosen equal to rejected, e.g. {example}: they teach "
-                      "nothing (their loss stays ln 2)", stacklevel=2)
+        warnings.warn(
+            f"{path}: {len(same)} record(s) with chosen equal to rejected, e.g. {example}: they teach "
+            "nothing (their loss stays ln 2)",
+            stacklevel=2,
+        )
     return pairs
 
 
@@ -133,10 +168,14 @@ def encode_pairs(pairs: list[Pair], style: str, max_length: int) -> list[Encoded
     for pair in pairs:
         prompt = prompt_tokens(pair.record, style)
         if len(prompt) >= max_length:
-            raise UserError(f"{pair.where}: the prompt is {len(prompt)} tokens, leaving no room for a response in "
-                            f"{max_length} (data.max_length or the context); shorten it or raise data.max_length")
-        encoded.append(Encoded(*(prompt + tokenizer.encode_ordinary(text) + [EOT_ID] for text in (pair.chosen, pair.rejected)),
-                               prompt_length=len(prompt)))
+            raise UserError(
+                f"{pair.where}: the prompt is {len(prompt)} tokens, leaving no room for a response in "
+                f"{max_length} (data.max_length or the context); shorten it or raise data.max_length"
+            )
+        chosen, rejected = (
+            prompt + tokenizer.encode_ordinary(text) + [EOT_ID] for text in (pair.chosen, pair.rejected)
+        )
+        encoded.append(Encoded(chosen, rejected, prompt_length=len(prompt)))
     return encoded
 
 
@@ -153,8 +192,8 @@ class Collate:
         starts = [e.prompt_length for e, _ in batch] * 2
         width = min(max(map(len, rows)), self.max_length + 1)
         inputs, targets = [], []
-        for ids, start in zip(rows, starts):
-            ids = ids[: width]
+        for ids, start in zip(rows, starts, strict=True):
+            ids = ids[:width]
             padded = ids + [EOT_ID] * (width - len(ids))
             target = padded[1:]
             target[: start - 1] = [IGNORE] * (start - 1)
@@ -163,7 +202,7 @@ class Collate:
             targets.append(target)
         out = {"input_ids": torch.tensor(inputs), "targets": torch.tensor(targets), "count": len(batch)}
         if batch[0][1] is not None:
-            out["reference"] = torch.stack([ref for _, ref in batch])
+            out["reference"] = torch.stack([ref for _, ref in batch if ref is not None])
         return out
 
 
@@ -175,9 +214,15 @@ def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> dic
     the loss -logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))) and TRL's metrics."""
     rewards = beta * (policy - reference)
     margin = rewards[:, 0] - rewards[:, 1]
-    return {"loss": -F.logsigmoid(margin), "rewards/chosen": rewards[:, 0], "rewards/rejected": rewards[:, 1],
-            "rewards/margins": margin, "rewards/accuracies": (margin > 0).to(margin.dtype),
-            "logps/chosen": policy[:, 0], "logps/rejected": policy[:, 1]}
+    return {
+        "loss": -F.logsigmoid(margin),
+        "rewards/chosen": rewards[:, 0],
+        "rewards/rejected": rewards[:, 1],
+        "rewards/margins": margin,
+        "rewards/accuracies": (margin > 0).to(margin.dtype),
+        "logps/chosen": policy[:, 0],
+        "logps/rejected": policy[:, 1],
+    }
 
 
 class DPOTask:
@@ -209,26 +254,35 @@ class DPOTask:
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, loader, accelerator: Accelerator) -> dict:
         model.eval()
-        names = None
+        names: list[str] = []
         total = None
         for batch in loader:
             with accelerator.autocast():
                 terms = self.terms(model, batch)
             names = names or sorted(terms)
-            sums = torch.stack([terms[n].double().sum() for n in names] + [torch.tensor(float(batch["count"]),
-                                                                                        dtype=torch.float64, device=terms["loss"].device)])
+            sums = torch.stack(
+                [terms[n].double().sum() for n in names]
+                + [torch.tensor(float(batch["count"]), dtype=torch.float64, device=terms["loss"].device)]
+            )
             total = sums if total is None else total + sums
         totals = accelerator.reduce(total, reduction="sum").tolist()
         pairs = totals[-1]
-        return {**{n: v / pairs for n, v in zip(names, totals)}, "pairs": int(pairs)}
+        return {**{n: v / pairs for n, v in zip(names, totals[:-1], strict=True)}, "pairs": int(pairs)}
 
 
 # -- the reference ----------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def reference_logps(model: torch.nn.Module, encoded: list[Encoded], max_length: int, mean: bool, batch_size: int,
-                    accelerator: Accelerator, quiet: bool = True) -> torch.Tensor:
+def reference_logps(
+    model: torch.nn.Module,
+    encoded: list[Encoded],
+    max_length: int,
+    mean: bool,
+    batch_size: int,
+    accelerator: Accelerator,
+    quiet: bool = True,
+) -> torch.Tensor:
     """(pairs, 2) log-probabilities of the chosen and rejected responses under `model` as it is now,
     computed as training computes the policy's (the accelerator's device and autocast)."""
     was_training = model.training
@@ -237,32 +291,38 @@ def reference_logps(model: torch.nn.Module, encoded: list[Encoded], max_length: 
     found = []
     for batch in tqdm(loader, "reference", disable=quiet, leave=False):
         with accelerator.autocast():
-            logps = sequence_logprobs(model, batch["input_ids"].to(accelerator.device),
-                                      batch["targets"].to(accelerator.device), mean)
+            logps = sequence_logprobs(
+                model, batch["input_ids"].to(accelerator.device), batch["targets"].to(accelerator.device), mean
+            )
         n = batch["count"]
         found.append(torch.stack([logps[:n], logps[n:]], dim=1).cpu())
     model.train(was_training)
     return torch.cat(found)
 
 
-def reference_for(config: DPOConfig, model, encoded: dict[str, list[Encoded]], max_length: int,
-                  accelerator: Accelerator, quiet: bool) -> dict[str, torch.Tensor]:
+def reference_for(
+    config: DPOConfig, model, encoded: dict[str, list[Encoded]], max_length: int, accelerator: Accelerator, quiet: bool
+) -> dict[str, torch.Tensor]:
     """The start model's log-probabilities of every split's pairs: computed once by the main process
     before the first step and kept in the run directory, where a resumed run (and `finetune eval`)
     finds them, so no second model is ever held."""
     path = Path(config.output_dir) / REFERENCE_FILE
     fingerprint = _fingerprint_of(config, encoded)
     with accelerator.main_process_first():
-        if path.is_file() and _stored_fingerprint(path) == fingerprint and (config.resume or not accelerator.is_main_process):
+        if (
+            path.is_file()
+            and _stored_fingerprint(path) == fingerprint
+            and (config.resume or not accelerator.is_main_process)
+        ):
             return load_file(str(path))
         batch_size = config.train.eval_batch_size or config.train.batch_size
         mean = config.dpo.logprob_reduction == "mean"
-        found = {split: reference_logps(model, pairs, max_length, mean, batch_size, accelerator, quiet)
-                 for split, pairs in encoded.items()}
+        found = {
+            split: reference_logps(model, pairs, max_length, mean, batch_size, accelerator, quiet)
+            for split, pairs in encoded.items()
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
-        save_file(found, str(tmp), metadata={"fingerprint": fingerprint})
-        tmp.replace(path)
+        write_file_atomic(path, lambda tmp: save_file(found, str(tmp), metadata={"fingerprint": fingerprint}))
         return found
 
 
@@ -278,8 +338,11 @@ def _fingerprint_of(config: DPOConfig, encoded: dict[str, list[Encoded]]) -> str
     """What the reference log-probabilities depend on: the start model, the data and how they are reduced."""
     import hashlib
 
-    digest = hashlib.sha256(repr({s: [(e.chosen, e.rejected, e.prompt_length) for e in pairs]
-                                  for s, pairs in sorted(encoded.items())}).encode()).hexdigest()
+    digest = hashlib.sha256(
+        repr(
+            {s: [(e.chosen, e.rejected, e.prompt_length) for e in pairs] for s, pairs in sorted(encoded.items())}
+        ).encode()
+    ).hexdigest()
     return repr((config.model.name, config.model.init, config.train.seed, config.dpo.logprob_reduction, digest))
 
 
@@ -294,55 +357,90 @@ def _stored_fingerprint(path: Path) -> str | None:
 
 
 class DPO(Recipe[DPOConfig, dict]):
-    name, Config, presets = "dpo", DPOConfig, PRESETS
+    name, Config = "dpo", DPOConfig
     merge_start = True  # the start's adapter is folded in: it is the reference, and a LoRA run trains a new one
     metric_names = ("loss", *METRICS)
+    headline_metric = "rewards/accuracies"
 
     def prepare(self, config: DPOConfig) -> dict[str, list[Pair]]:
         return split_records(read_pairs(config.data), config.data.train_fraction, config.data.test_fraction)
 
-    def build_model(self, config: DPOConfig, data: dict) -> torch.nn.Module:
-        from finetune.lora import lora_layers, merged_model
-
-        model = super().build_model(config, data)
+    def build_model(self, config: DPOConfig, data: dict) -> GPT:
+        model = language_model(config)
         return merged_model(model) if lora_layers(model) else model
 
-    def setup(self, config: DPOConfig, data: dict[str, list[Pair]], model, accelerator: Accelerator, quiet: bool) -> Setup:
+    def setup(
+        self, config: DPOConfig, data: dict[str, list[Pair]], model, accelerator: Accelerator, quiet: bool
+    ) -> Setup:
         context = model.config.context_length
         max_length = min(config.data.max_length or context, context)
         encoded = {split: encode_pairs(data[split], config.data.prompt_style, max_length) for split in SPLITS}
         reference = reference_for(config, model.to(accelerator.device), encoded, max_length, accelerator, quiet)
         if accelerator.is_main_process:
-            tqdm.write(f"preference pairs: {len(encoded['train']):,} train, {len(encoded['val']):,} val, "
-                       f"{len(encoded['test']):,} test; the start model's log-probabilities of them are in "
-                       f"{Path(config.output_dir) / REFERENCE_FILE}", file=sys.stderr)
-        examples = {split: list(zip(encoded[split], reference[split])) for split in SPLITS}
+            tqdm.write(
+                f"preference pairs: {len(encoded['train']):,} train, {len(encoded['val']):,} val, "
+                f"{len(encoded['test']):,} test; the start model's log-probabilities of them are in "
+                f"{Path(config.output_dir) / REFERENCE_FILE}",
+                file=sys.stderr,
+            )
+        examples = {split: list(zip(encoded[split], reference[split], strict=True)) for split in SPLITS}
         meta = {"max_length": max_length, **model_interface(config)}
-        return Setup(examples["train"], examples["val"], Collate(max_length), task_of(config), meta,
-                     reuse={"examples": examples})
+        return Setup(
+            examples["train"], examples["val"], Collate(max_length), task_of(config), meta, reuse={"examples": examples}
+        )
 
-    def evaluate(self, config: DPOConfig, data: dict[str, list[Pair]], model, meta: dict, splits: tuple[str, ...],
-                 accelerator: Accelerator, reuse: dict) -> dict:
+    def evaluate(
+        self,
+        config: DPOConfig,
+        data: dict[str, list[Pair]],
+        model,
+        meta: dict,
+        splits: tuple[str, ...],
+        accelerator: Accelerator,
+        reuse: dict,
+    ) -> dict:
         """The DPO metrics of each split, against the start model's log-probabilities (kept in the run
         directory; computed again from the start checkpoint if they are gone)."""
         examples = reuse.get("examples")
         if examples is None:
-            encoded = {split: encode_pairs(data[split], config.data.prompt_style, meta["max_length"]) for split in SPLITS}
+            encoded = {
+                split: encode_pairs(data[split], config.data.prompt_style, meta["max_length"]) for split in SPLITS
+            }
             reference = stored_reference(config, encoded)
             if reference is None:
                 start = self.build_model(config, data).to(accelerator.device)
-                reference = {split: reference_logps(start, encoded[split], meta["max_length"],
-                                                    config.dpo.logprob_reduction == "mean",
-                                                    config.train.eval_batch_size or config.train.batch_size, accelerator)
-                             for split in SPLITS}
+                reference = {
+                    split: reference_logps(
+                        start,
+                        encoded[split],
+                        meta["max_length"],
+                        config.dpo.logprob_reduction == "mean",
+                        config.train.eval_batch_size or config.train.batch_size,
+                        accelerator,
+                    )
+                    for split in SPLITS
+                }
                 del start
-            examples = {split: list(zip(encoded[split], reference[split])) for split in SPLITS}
+            examples = {split: list(zip(encoded[split], reference[split], strict=True)) for split in SPLITS}
         batch_size = config.train.eval_batch_size or config.train.batch_size
-        return evaluate_splits(task_of(config), model, {s: (examples[s], Collate(meta["max_length"])) for s in splits},
-                               batch_size, accelerator)
+        return evaluate_splits(
+            task_of(config),
+            model,
+            {s: (examples[s], Collate(meta["max_length"])) for s in splits},
+            batch_size,
+            accelerator,
+        )
 
-    def report(self, out: Path, config: DPOConfig, data: dict[str, list[Pair]], metrics: dict, history: list[dict],
-               model, quiet: bool) -> tuple[dict, list[str]]:
+    def report(
+        self,
+        out: Path,
+        config: DPOConfig,
+        data: dict[str, list[Pair]],
+        metrics: dict,
+        history: list[dict],
+        model,
+        quiet: bool,
+    ) -> tuple[dict, list[str]]:
         """Responses to the test split (scored against the chosen ones); curves.png."""
         test_responses(model, [p.record for p in data["test"]], config, out, metrics, quiet)
         plot_curves(history, out / "curves.png", metric=["rewards/margins", "rewards/accuracies"])
@@ -356,8 +454,10 @@ class DPO(Recipe[DPOConfig, dict]):
         for split in ("train", "val", "test"):
             if split in metrics:
                 m = metrics[split]
-                rows.append(f"{split:<8}{m['loss']:>8.4f}{m['rewards/margins']:>9.3f}{m['rewards/accuracies']:>10.1%}"
-                            f"{m['rewards/chosen']:>9.3f}{m['rewards/rejected']:>10.3f}")
+                rows.append(
+                    f"{split:<8}{m['loss']:>8.4f}{m['rewards/margins']:>9.3f}{m['rewards/accuracies']:>10.1%}"
+                    f"{m['rewards/chosen']:>9.3f}{m['rewards/rejected']:>10.3f}"
+                )
         if "responses" in metrics:
             r = metrics["responses"]
             rows.append(f"test responses: ROUGE-L {r['rouge_l']:.3f} against the chosen ones (n={r['n']})")
@@ -372,12 +472,21 @@ def task_of(config: DPOConfig) -> DPOTask:
 
 
 def report_body(config: DPOConfig, metrics: dict, responses: list[dict]) -> list[str]:
-    lines = ["## Preference metrics", "", f"beta {config.dpo.beta}, log-probabilities {config.dpo.logprob_reduction}med over response tokens"
-             f"{f', sft_weight {config.dpo.sft_weight}' if config.dpo.sft_weight else ''}.", "",
-             "| split | loss | " + " | ".join(METRICS) + " |", "| --- " * (len(METRICS) + 2) + "|"]
+    lines = [
+        "## Preference metrics",
+        "",
+        f"beta {config.dpo.beta}, log-probabilities {config.dpo.logprob_reduction}med over response tokens"
+        f"{f', sft_weight {config.dpo.sft_weight}' if config.dpo.sft_weight else ''}.",
+        "",
+        "| split | loss | " + " | ".join(METRICS) + " |",
+        "| --- " * (len(METRICS) + 2) + "|",
+    ]
     for split in ("train", "val", "test"):
         if split in metrics:
-            lines.append(f"| {split} | {metrics[split]['loss']:.4f} | "
-                         + " | ".join(f"{metrics[split][m]:.4f}" for m in METRICS) + " |")
+            lines.append(
+                f"| {split} | {metrics[split]['loss']:.4f} | "
+                + " | ".join(f"{metrics[split][m]:.4f}" for m in METRICS)
+                + " |"
+            )
     lines += ["", f"ln 2 = {math.log(2):.4f}: the loss of a policy equal to its reference."]
     return lines + response_markdown(metrics, responses)

@@ -11,34 +11,51 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from finetune.data import INSTRUCTIONS, bundled
-from finetune.evals.generation import read_responses, reference_metrics
-from finetune.evals.plots import plot_curves
-from finetune.recipes import PRESETS
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from finetune.config import Float, ModelSection, RunConfig, SamplingSection, Section
-from finetune.errors import UserError
-from finetune.interface import Generation, interface_meta
-from finetune.losses import IGNORE
-from finetune.next_token import NextTokenTask, perplexity_table
-from finetune.prompts import check_style
-from finetune.recipe import Recipe, Setup, evaluate_splits
-from finetune.records import Record, read_records, split_records
-from finetune.respond import prompt_tokens, respond, write_responses
-from finetune.tables import Format
-from finetune.tokenizer import EOT_ID, get_tokenizer
+from finetune.datasets import INSTRUCTIONS, bundled
+from finetune.recipe_api import (
+    EOT_ID,
+    IGNORE,
+    Float,
+    Format,
+    Generation,
+    ModelSection,
+    NextTokenTask,
+    Recipe,
+    Record,
+    RunConfig,
+    SamplingSection,
+    Section,
+    Setup,
+    UserError,
+    check_style,
+    evaluate_splits,
+    get_tokenizer,
+    interface_meta,
+    perplexity_table,
+    plot_curves,
+    prompt_tokens,
+    read_records,
+    read_responses,
+    reference_metrics,
+    respond,
+    split_records,
+    write_responses,
+)
 
 # -- config -------------------------------------------------------------------------------------
 
 
 class InstructData(Section):
-    path: str | None = Field(None, description="JSON list, JSONL, CSV or Parquet file; null = the bundled 1,100 instructions")
+    path: str | None = Field(
+        None, description="JSON list, JSONL, CSV or Parquet file; null = the bundled 1,100 instructions"
+    )
     format: Format | None = Field(None, description="json, jsonl, csv, tsv or parquet; null = from the extension")
     instruction_field: str = "instruction"
     input_field: str = "input"
@@ -47,8 +64,11 @@ class InstructData(Section):
     test_fraction: Float = Field(0.10, gt=0.0, lt=1.0)  # validation gets the rest, as in the book
     max_length: int | None = Field(None, ge=2, description="tokens per example; null = the model's context")
     mask_prompt: bool = Field(False, description="train on the response only, not on the instruction")
-    prompt_style: str = Field("alpaca", description="alpaca, phi3, plain, or a template with {instruction} and "
-                                                    "optionally {input}; stored with the model (finetune.prompts)")
+    prompt_style: str = Field(
+        "alpaca",
+        description="alpaca, phi3, plain, or a template with {instruction} and "
+        "optionally {input}; stored with the model (finetune.data.prompts)",
+    )
 
     @field_validator("prompt_style")
     @classmethod
@@ -59,7 +79,7 @@ class InstructData(Section):
             raise ValueError(str(e).removeprefix("prompt_style: ")) from None
 
     @model_validator(mode="after")
-    def _fractions(self) -> "InstructData":
+    def _fractions(self) -> InstructData:
         if self.train_fraction + self.test_fraction >= 1.0:
             raise ValueError("train_fraction + test_fraction must leave some validation data (sum < 1)")
         return self
@@ -119,7 +139,7 @@ class Collate:
     def __init__(self, max_length: int | None = None, mask_prompt: bool = False) -> None:
         self.max_length, self.mask_prompt = max_length, mask_prompt
 
-    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[Example]) -> dict[str, Any]:
         width = max(len(e.ids) for e in batch) + 1  # room for one end-of-text
         inputs, targets = [], []
         for e in batch:
@@ -148,35 +168,66 @@ def trained_tokens(examples: Encoded, collate: Collate) -> tuple[int, int]:
 
 
 class Instruct(Recipe[InstructConfig, dict]):
-    name, Config, presets = "instruct", InstructConfig, PRESETS
+    name, Config = "instruct", InstructConfig
 
     def prepare(self, config: InstructConfig) -> dict[str, list[Record]]:
         return split_records(read_instructions(config.data), config.data.train_fraction, config.data.test_fraction)
 
-    def setup(self, config: InstructConfig, data: dict[str, list[Record]], model, accelerator: Accelerator,
-              quiet: bool) -> Setup:
+    def setup(
+        self, config: InstructConfig, data: dict[str, list[Record]], model, accelerator: Accelerator, quiet: bool
+    ) -> Setup:
         context = model.config.context_length
         max_length = min(config.data.max_length or context, context)
         collate = Collate(max_length, config.data.mask_prompt)
         encoded = {name: encode(data[name], config.data.prompt_style) for name in ("train", "val")}
         trained, masked = trained_tokens(encoded["train"], collate)
         if accelerator.is_main_process:
-            tqdm.write(f"training on {trained:,} target tokens ({masked:,} masked: padding"
-                       f"{' and prompts' if config.data.mask_prompt else ''})", file=sys.stderr)
+            tqdm.write(
+                f"training on {trained:,} target tokens ({masked:,} masked: padding"
+                f"{' and prompts' if config.data.mask_prompt else ''})",
+                file=sys.stderr,
+            )
         meta = {"max_length": max_length, **model_interface(config)}
-        return Setup(encoded["train"], encoded["val"], collate, NextTokenTask(), meta,
-                     on_evaluate=sample_response(data["val"][0], config, quiet))
+        return Setup(
+            encoded["train"],
+            encoded["val"],
+            collate,
+            NextTokenTask(),
+            meta,
+            on_evaluate=sample_response(data["val"][0], config, quiet),
+        )
 
-    def evaluate(self, config: InstructConfig, data: dict[str, list[Record]], model, meta: dict,
-                 splits: tuple[str, ...], accelerator: Accelerator, reuse: dict) -> dict:
+    def evaluate(
+        self,
+        config: InstructConfig,
+        data: dict[str, list[Record]],
+        model,
+        meta: dict,
+        splits: tuple[str, ...],
+        accelerator: Accelerator,
+        reuse: dict,
+    ) -> dict:
         """Loss and perplexity on each split."""
         collate = Collate(meta["max_length"], config.data.mask_prompt)
         batch_size = config.train.eval_batch_size or config.train.batch_size
-        return evaluate_splits(NextTokenTask(), model, {s: (encode(data[s], config.data.prompt_style), collate)
-                                                         for s in splits}, batch_size, accelerator)
+        return evaluate_splits(
+            NextTokenTask(),
+            model,
+            {s: (encode(data[s], config.data.prompt_style), collate) for s in splits},
+            batch_size,
+            accelerator,
+        )
 
-    def report(self, out: Path, config: InstructConfig, data: dict[str, list[Record]], metrics: dict,
-               history: list[dict], model, quiet: bool) -> tuple[dict, list[str]]:
+    def report(
+        self,
+        out: Path,
+        config: InstructConfig,
+        data: dict[str, list[Record]],
+        metrics: dict,
+        history: list[dict],
+        model,
+        quiet: bool,
+    ) -> tuple[dict, list[str]]:
         """Responses to the test split, scored against the references; curves.png."""
         test_responses(model, data["test"], config, out, metrics, quiet)
         plot_curves(history, out / "curves.png", seen="tokens")
@@ -212,12 +263,24 @@ def sample_response(sample: Record, config: InstructConfig, quiet: bool):
     return show_sample
 
 
-def test_responses(model, records: list[Record], config: InstructConfig, out: Path, metrics: dict, quiet: bool) -> list[dict]:
+def test_responses(
+    model, records: list[Record], config: InstructConfig, out: Path, metrics: dict, quiet: bool
+) -> list[dict]:
     """responses.jsonl for the test split, and its reference metrics in `metrics["responses"]`."""
-    rows = write_responses(model, records, config.data.prompt_style, generation(config), config.generation.batch_size,
-                           out / "responses.jsonl", quiet)
-    metrics["responses"] = {k: v for k, v in reference_metrics(
-        [r["response"] for r in rows], [r["output"] for r in rows]).items() if k != "per_example"}
+    rows = write_responses(
+        model,
+        records,
+        config.data.prompt_style,
+        generation(config),
+        config.generation.batch_size,
+        out / "responses.jsonl",
+        quiet,
+    )
+    metrics["responses"] = {
+        k: v
+        for k, v in reference_metrics([r["response"] for r in rows], [r["output"] for r in rows]).items()
+        if k != "per_example"
+    }
     return rows
 
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from finetune.data import SMS_SPAM
-from finetune.recipes.classification import (
-    Classification,
-    ClassificationConfig,
-    ClassificationData,
+from finetune.datasets import SMS_SPAM
+from finetune.recipe_api import (
+    Format,
 )
-
-from finetune.tables import Format
+from finetune.recipes.classification import Classification, ClassificationConfig
+from finetune.recipes.labelled_data import ClassificationData
 
 
 class SpamData(ClassificationData):

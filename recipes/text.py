@@ -16,28 +16,36 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator, PartialState
-from finetune.data import THE_VERDICT, bundled
-from finetune.evals.plots import plot_curves
-from finetune.recipes import PRESETS
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from finetune.config import Float, ModelSection, RunConfig, SamplingSection, Section
-from finetune.corpus import (
+from finetune.datasets import THE_VERDICT, bundled
+from finetune.recipe_api import (
+    EOT_ID,
     Corpus,
+    Float,
+    ModelSection,
+    NextTokenTask,
+    Recipe,
+    RunConfig,
+    SamplingSection,
+    Section,
+    Setup,
     TextFormat,
+    UserError,
     Windows,
     collate_windows,
     default_cache_dir,
+    encode,
+    evaluate_splits,
     find_sources,
+    generate,
+    get_tokenizer,
+    interface_meta,
+    perplexity_table,
+    plot_curves,
     tokenized,
 )
-from finetune.errors import UserError
-from finetune.generate import generate
-from finetune.interface import interface_meta
-from finetune.next_token import NextTokenTask, perplexity_table
-from finetune.recipe import Recipe, Setup, evaluate_splits
-from finetune.tokenizer import EOT_ID, encode, get_tokenizer
 
 SPLITS = ("train", "val")
 
@@ -46,9 +54,12 @@ SPLITS = ("train", "val")
 
 class TextData(Section):
     path: str | list[str] | None = Field(
-        None, description="text file, directory (its .txt files), glob, or table file(s); a list of them; null = The Verdict")
+        None,
+        description="text file, directory (its .txt files), glob, or table file(s); a list of them; null = The Verdict",
+    )
     format: TextFormat | None = Field(
-        None, description="txt, csv, tsv, json, jsonl or parquet; null = from each file's extension (txt otherwise)")
+        None, description="txt, csv, tsv, json, jsonl or parquet; null = from each file's extension (txt otherwise)"
+    )
     text_field: str = Field("text", description="the column (or JSON key) holding the text, for tables")
     max_length: int | None = Field(None, ge=1, description="tokens per training window; null = the model's context")
     stride: int | None = Field(None, ge=1, description="tokens between window starts; null = max_length (no overlap)")
@@ -56,9 +67,11 @@ class TextData(Section):
     cache_dir: str | None = Field(None, description="where token files are kept; null = ~/.cache/finetune/tokens")
 
     @model_validator(mode="after")
-    def _stride(self) -> "TextData":
+    def _stride(self) -> TextData:
         if self.stride is not None and self.max_length is not None and self.stride > self.max_length:
-            raise ValueError(f"stride {self.stride} > max_length {self.max_length} would skip text; use stride <= max_length")
+            raise ValueError(
+                f"stride {self.stride} > max_length {self.max_length} would skip text; use stride <= max_length"
+            )
         return self
 
 
@@ -95,19 +108,25 @@ def windows(corpus: Corpus, max_length: int, stride: int) -> dict[str, Windows]:
     found = {split: Windows(corpus.tokens(split), max_length, stride) for split in SPLITS}
     for split, data in found.items():
         if len(data) == 0:
-            raise UserError(f"the {split} split has {len(data.tokens):,} tokens; data.max_length={max_length} needs at "
-                            f"least {max_length + 1}: add text, lower data.max_length, or change data.val_fraction")
+            raise UserError(
+                f"the {split} split has {len(data.tokens):,} tokens; data.max_length={max_length} needs at "
+                f"least {max_length + 1}: add text, lower data.max_length, or change data.val_fraction"
+            )
     return found
 
 
 def window_shape(config: TextConfig, context: int) -> tuple[int, int]:
     max_length = config.data.max_length or context
     if max_length > context:
-        raise UserError(f"data.max_length={max_length} is beyond the model's context of {context} tokens; "
-                        f"set data.max_length <= {context}")
+        raise UserError(
+            f"data.max_length={max_length} is beyond the model's context of {context} tokens; "
+            f"set data.max_length <= {context}"
+        )
     stride = config.data.stride or max_length
     if stride > max_length:
-        raise UserError(f"data.stride={stride} > data.max_length={max_length} would skip text; use stride <= max_length")
+        raise UserError(
+            f"data.stride={stride} > data.max_length={max_length} would skip text; use stride <= max_length"
+        )
     return max_length, stride
 
 
@@ -115,7 +134,7 @@ def window_shape(config: TextConfig, context: int) -> tuple[int, int]:
 
 
 class Text(Recipe[TextConfig, Corpus]):
-    name, Config, presets = "text", TextConfig, PRESETS
+    name, Config = "text", TextConfig
 
     def prepare(self, config: TextConfig) -> Corpus:
         return read_corpus(config.data)
@@ -125,9 +144,11 @@ class Text(Recipe[TextConfig, Corpus]):
         splits = windows(data, max_length, stride)
         if accelerator.is_main_process:
             counts = data.manifest["tokens"]
-            tqdm.write(f"text: {counts['train']:,} train and {counts['val']:,} val tokens (split by "
-                       f"{data.manifest['split']}), {len(splits['train']):,} windows of {max_length} every {stride}",
-                       file=sys.stderr)
+            tqdm.write(
+                f"text: {counts['train']:,} train and {counts['val']:,} val tokens (split by "
+                f"{data.manifest['split']}), {len(splits['train']):,} windows of {max_length} every {stride}",
+                file=sys.stderr,
+            )
 
         def show_sample(model) -> dict:
             """The book's generate_and_print_sample: a continuation of the prompt, printed and logged."""
@@ -136,19 +157,37 @@ class Text(Recipe[TextConfig, Corpus]):
                 tqdm.write(f"sample: {text!r}", file=sys.stderr)
             return {"sample": text}
 
-        meta = {"max_length": max_length, "stride": stride, **interface_meta(None, config.generation, config.train.seed)}
+        meta = {
+            "max_length": max_length,
+            "stride": stride,
+            **interface_meta(None, config.generation, config.train.seed),
+        }
         return Setup(splits["train"], splits["val"], collate_windows, NextTokenTask(), meta, on_evaluate=show_sample)
 
-    def evaluate(self, config: TextConfig, data: Corpus, model, meta: dict, splits: tuple[str, ...],
-                 accelerator: Accelerator, reuse: dict) -> dict:
+    def evaluate(
+        self,
+        config: TextConfig,
+        data: Corpus,
+        model,
+        meta: dict,
+        splits: tuple[str, ...],
+        accelerator: Accelerator,
+        reuse: dict,
+    ) -> dict:
         """Loss and perplexity over every window of each split."""
         found = windows(data, meta["max_length"], meta["stride"])
         batch_size = config.train.eval_batch_size or config.train.batch_size
-        return evaluate_splits(NextTokenTask(), model, {s: (found[s], collate_windows) for s in splits if s in found},
-                               batch_size, accelerator)
+        return evaluate_splits(
+            NextTokenTask(),
+            model,
+            {s: (found[s], collate_windows) for s in splits if s in found},
+            batch_size,
+            accelerator,
+        )
 
-    def report(self, out: Path, config: TextConfig, data: Corpus, metrics: dict, history: list[dict], model,
-               quiet: bool) -> tuple[dict, list[str]]:
+    def report(
+        self, out: Path, config: TextConfig, data: Corpus, metrics: dict, history: list[dict], model, quiet: bool
+    ) -> tuple[dict, list[str]]:
         """The kept model's continuation of the prompt; curves.png (loss against tokens seen)."""
         metrics["sample"] = {"prompt": config.generation.prompt, "text": continue_prompt(model, config)}
         metrics["data"] = {k: data.manifest[k] for k in ("split", "documents", "tokens")}
@@ -175,13 +214,23 @@ def continue_prompt(model, config: TextConfig) -> str:
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.train.seed)
     was_training = model.training
-    out = generate(model.eval(), [prompt], gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p, EOT_ID, generator)[0]
+    out = generate(
+        model.eval(), [prompt], gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p, EOT_ID, generator
+    )[0]
     model.train(was_training)
     return get_tokenizer().decode([t for t in out if t != EOT_ID])
 
 
 def report_body(config: TextConfig, metrics: dict) -> list[str]:
     data = metrics["data"]
-    return [f"{data['tokens']['train']:,} train and {data['tokens']['val']:,} validation tokens, split by {data['split']}"
-            " (the data sizes above count windows).", "", "## Sample", "", f"**Prompt:** {config.generation.prompt}", "",
-            f"**Model:** {metrics['sample']['text']}", ""]
+    return [
+        f"{data['tokens']['train']:,} train and {data['tokens']['val']:,} validation tokens, split by {data['split']}"
+        " (the data sizes above count windows).",
+        "",
+        "## Sample",
+        "",
+        f"**Prompt:** {config.generation.prompt}",
+        "",
+        f"**Model:** {metrics['sample']['text']}",
+        "",
+    ]

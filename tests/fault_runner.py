@@ -40,7 +40,7 @@ def after_call(owner, name: str, n: int, then) -> None:
 
 
 if point == "mid-epoch":  # after the 8th optimizer step (checkpoints of steps 6 and 7 exist)
-    from finetune.trainer import Trainer
+    from finetune.training.trainer import Trainer
 
     after_call(Trainer, "_optimizer_step", 8, wait_forever)
 elif point == "mid-eval":  # inside the 2nd evaluation (the end of epoch 1, before its checkpoint)
@@ -48,7 +48,7 @@ elif point == "mid-eval":  # inside the 2nd evaluation (the end of epoch 1, befo
 
     after_call(ClassificationTask, "evaluate", 2, wait_forever)
 elif point == "mid-checkpoint-write":  # step 6's checkpoint: model written, training state not yet
-    import finetune.training_state as training_state
+    import finetune.checkpoints.training_state as training_state
 
     original_save = training_state.save_file
 
@@ -59,7 +59,7 @@ elif point == "mid-checkpoint-write":  # step 6's checkpoint: model written, tra
 
     training_state.save_file = save_file
 elif point == "slow":  # every step takes a while; the marker appears after step 4
-    from finetune.trainer import Trainer
+    from finetune.training.trainer import Trainer
 
     after_call(Trainer, "_optimizer_step", 4, arrived)
     original_step = Trainer._optimizer_step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.data import SMS_SPAM, bundled
+from finetune.datasets import SMS_SPAM, bundled
 
 from finetune.cli import main
 
@@ -20,9 +20,10 @@ def small_spam_file(path: Path, per_label: int = 40) -> Path:
 
 def classifier_for(config, labels=("ham", "spam")):
     """The classifier a classification run builds for `config`, trainable parts chosen."""
-    from finetune.recipes.classification import RECIPE, LabelledData
+    from finetune.recipes.classification import RECIPE
+    from finetune.recipes.labelled_data import LabelledData
 
-    from finetune.trainable import configure_trainable
+    from finetune.training.trainable import configure_trainable
 
     return configure_trainable(RECIPE.build_model(config, LabelledData({}, list(labels))), config)
 
@@ -99,7 +100,7 @@ def ticket_run_args(directory: Path, classes: int = 5, per_class: int = 16):
 def run_killed_and_resumed(capsys, monkeypatch, args, root: Path, checkpoints_before_kill: int) -> tuple[Path, Path]:
     """`args(out)` run to the end in root/full, and in root/cut stopped by Ctrl-C right after its n-th
     checkpoint, then resumed; returns both output directories for the caller to compare."""
-    from finetune.trainer import Trainer
+    from finetune.training.trainer import Trainer
 
     assert cli(capsys, *args(root / "full"))[0] == 0
     original, saves = Trainer.save_checkpoint, [0]

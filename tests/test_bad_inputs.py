@@ -75,9 +75,9 @@ def files(tmp_path_factory):
     import torch
 
     from finetune import GPT, GPTConfig
-    from finetune.checkpoint import write_directory
-    from finetune.classifier import GPTClassifier
-    from finetune.serialization import model_files
+    from finetune.checkpoints.atomic import write_directory
+    from finetune.model.classifier import GPTClassifier
+    from finetune.checkpoints.model_files import model_files
 
     torch.manual_seed(0)
     write_directory(root / "lm_ckpt", model_files(GPT(GPTConfig.from_preset("gpt2-tiny")), {}))
@@ -88,7 +88,7 @@ def files(tmp_path_factory):
     _peft_files(root)
     classifier = GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny")), 2, pool="last_position")
     write_directory(root / "last_position_ckpt", model_files(classifier, {"labels": ["a", "b"], "max_length": 8}))
-    from finetune.lora import apply_lora
+    from finetune.model.lora import apply_lora
 
     head_only = apply_lora(GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny")), 2), 4, 8, ["head"])
     write_directory(root / "head_lora_ckpt", model_files(head_only, {

@@ -9,11 +9,11 @@ import shutil
 import subprocess
 import sys
 
-import finetune.data
+import finetune.datasets
 import pytest
-from finetune.data import SMS_SPAM, bundled
+from finetune.datasets import SMS_SPAM, bundled
 
-from finetune.registry import config_path, presets
+from finetune.training.registry import config_path, presets
 from tests.helpers import cli, one_line_error
 
 
@@ -54,8 +54,8 @@ def test_missing_or_altered_bundled_file_is_one_line(tmp_path, monkeypatch, caps
         target.unlink()
     else:
         target.write_bytes(target.read_bytes().replace(b"ham\t", b"spam\t", 1))
-    files = finetune.data.resources.files
-    monkeypatch.setattr(finetune.data.resources, "files", lambda package: copy if package == "finetune.data" else files(package))
+    files = finetune.datasets.resources.files
+    monkeypatch.setattr(finetune.datasets.resources, "files", lambda package: copy if package == "finetune.datasets" else files(package))
     line = one_line_error(capsys, "run", "spam", "--config", "spam_tiny", f"output_dir={tmp_path / 'run'}")
     assert str(target) in line and ("missing" if damage == "missing" else "checksum mismatch") in line
     assert not (tmp_path / "run").exists()

@@ -1,0 +1,63 @@
+"""Datasets shipped with finetune, so the recipes and presets run offline (installed as `finetune.datasets`).
+
+Each file is read through the package (`importlib.resources`), never through a path into a source
+checkout, and checked against the SHA-256 of the published file before use. Sources and licenses:
+`datasets/README.md`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from finetune.errors import UserError
+
+
+@dataclass(frozen=True)
+class BundledFile:
+    relative: str  # path inside this package
+    sha256: str
+    url: str  # where to get the published file again
+    title: str  # how messages name it (not by its path inside site-packages)
+
+
+SMS_SPAM = BundledFile(
+    "sms-spam-collection/SMSSpamCollection",
+    "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
+    "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+    "the bundled SMS Spam Collection",
+)
+INSTRUCTIONS = BundledFile(
+    "instruction-data/instruction-data.json",
+    "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json",
+    "the bundled instruction data",
+)
+THE_VERDICT = BundledFile(
+    "the-verdict/the-verdict.txt",
+    "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
+    "the bundled The Verdict",
+)
+PREFERENCES = BundledFile(
+    "instruction-data-with-preference/instruction-data-with-preference.json",
+    "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+    "the bundled preference data",
+)
+
+
+def bundled(file: BundledFile) -> Path:
+    """The installed copy of `file`, after checking it is the published one."""
+    path = Path(str(resources.files(__name__).joinpath(file.relative)))
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise UserError(f"bundled data file {path} is missing or unreadable ({e.strerror}); "
+                        f"reinstall finetune-gpt2 or restore it from {file.url}") from e
+    if digest != file.sha256:
+        raise UserError(f"bundled data file {path}: checksum mismatch (altered or damaged); "
+                        f"reinstall finetune-gpt2 or restore it from {file.url}")
+    return path

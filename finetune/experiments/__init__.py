@@ -1,0 +1,1 @@
+"""Comparing runs: `finetune sweep` on Optuna and the `finetune runs` table."""

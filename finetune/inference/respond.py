@@ -1,0 +1,78 @@
+"""Responses of a language model to instructions, prompted in its style and answered with its
+generation defaults: what `finetune respond` and `finetune chat` print and what instruction and
+preference runs write for their test split."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from finetune.checkpoints.atomic import write_text_atomic
+from finetune.checkpoints.interface import Generation
+from finetune.data.prompts import format_prompt
+from finetune.data.records import Record
+from finetune.errors import UserError
+from finetune.inference.generate import generate
+from finetune.model.tokenizer import EOT_ID, get_tokenizer
+from finetune.progress import progress
+
+
+def prompt_tokens(record: Record, style: str) -> list[int]:
+    """The prompt as the model saw it in training: the style's text, with no special tokens."""
+    return get_tokenizer().encode_ordinary(format_prompt(style, record.instruction, record.input))
+
+
+def respond(model, records: list[Record], style: str, generation: Generation) -> list[str]:
+    """Responses to records, batched through the KV-cache generator, each ended at end-of-text or at
+    the first stop string."""
+    tokenizer = get_tokenizer()
+    prompts = [prompt_tokens(r, style) for r in records]
+    context = model.config.context_length
+    for record, prompt in zip(records, prompts, strict=True):
+        if len(prompt) >= context:
+            raise UserError(
+                f"prompt of {len(prompt)} tokens does not fit the context of {context} "
+                f"(instruction {record.instruction[:40]!r}…); shorten it"
+            )
+    budget = min(generation.max_new_tokens, context - max(len(p) for p in prompts))
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(generation.seed)
+    out = generate(
+        model, prompts, budget, generation.temperature, generation.top_k, generation.top_p, EOT_ID, generator
+    )
+    texts = [tokenizer.decode([t for t in row[len(p) :] if t != EOT_ID]) for row, p in zip(out, prompts, strict=True)]
+    return [cut_at_stop(text, generation.stop).strip() for text in texts]
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """The text before the first stop string it holds."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def write_responses(
+    model, records: list[Record], style: str, generation: Generation, batch_size: int, path: Path, quiet: bool = True
+) -> list[dict]:
+    """Responses to every record, in batches, written to `path` (JSON Lines) beside each reference, with the
+    prompt style they were asked in (an LLM judge is shown the instruction as the model saw it)."""
+    rows = []
+    for start in progress(range(0, len(records), batch_size), "responding", quiet):
+        batch = records[start : start + batch_size]
+        for record, response in zip(batch, respond(model, batch, style, generation), strict=True):
+            rows.append(
+                {
+                    "instruction": record.instruction,
+                    "input": record.input,
+                    "output": record.output,
+                    "response": response,
+                    "prompt_style": style,
+                }
+            )
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def with_max_new_tokens(generation: Generation, max_new_tokens: int | None) -> Generation:
+    return generation if max_new_tokens is None else replace(generation, max_new_tokens=max_new_tokens)

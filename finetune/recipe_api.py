@@ -1,0 +1,131 @@
+"""Everything a recipe may import from the toolkit, in one place: the interface it implements, the trainer's
+task contract, and the readers, model parts, loaders, checkpoint helpers, generation and metrics the bundled
+recipes are built from. A recipe that imports only these names keeps working when the toolkit's insides
+move; `tests/test_structure.py` holds the bundled recipes to it. docs/contributing.md shows a whole recipe.
+"""
+
+from __future__ import annotations
+
+from finetune.checkpoints.atomic import write_file_atomic, write_text_atomic
+from finetune.checkpoints.interface import TASKS, Generation, interface_meta
+from finetune.config import (
+    FinetuneSection,
+    Float,
+    ModelSection,
+    RunConfig,
+    SamplingSection,
+    Section,
+    TrainSection,
+)
+from finetune.data.classification_inputs import Collate, Encoded, Example, by_length, tokenize, truncate
+from finetune.data.classification_inputs import encode as encode_examples
+from finetune.data.corpus import (
+    Corpus,
+    TextFormat,
+    Windows,
+    collate_windows,
+    default_cache_dir,
+    find_sources,
+    tokenized,
+)
+from finetune.data.files import read_json_object, read_text
+from finetune.data.prompts import check_style
+from finetune.data.records import Record, read_fields, read_records, split_records
+from finetune.data.tables import Format, Table, read_table
+from finetune.errors import UserError
+from finetune.evals.classification import classification_metrics
+from finetune.evals.generation import read_responses, reference_metrics
+from finetune.evals.plots import plot_confusion, plot_curves
+from finetune.formats.loading import build_model
+from finetune.inference.generate import generate
+from finetune.inference.respond import prompt_tokens, respond, write_responses
+from finetune.model.classifier import GPTClassifier
+from finetune.model.gpt import GPT, GPTConfig
+from finetune.model.lora import lora_layers, merged_model
+from finetune.model.losses import IGNORE, sequence_logprobs
+from finetune.model.tokenizer import EOT_ID, encode, get_tokenizer
+from finetune.training.features import CachedFeatures, CollateFeatures, cache_splits
+from finetune.training.next_token import NextTokenTask, perplexity_table
+from finetune.training.recipe import SPLITS, Recipe, Setup, evaluate_splits, language_model
+from finetune.training.trainer import Examples, Task, eval_loader
+
+__all__ = [
+    # the interface a recipe implements, and what the trainer asks of its task
+    "Recipe",
+    "Setup",
+    "Task",
+    "SPLITS",
+    "evaluate_splits",
+    "language_model",
+    "eval_loader",
+    "Examples",
+    "NextTokenTask",
+    "perplexity_table",
+    "CachedFeatures",
+    "CollateFeatures",
+    "cache_splits",
+    # its config: a RunConfig subclass with sections of its own
+    "RunConfig",
+    "Section",
+    "ModelSection",
+    "TrainSection",
+    "FinetuneSection",
+    "SamplingSection",
+    "Float",
+    # what a trained model is (Setup.meta): the tasks the toolkit can use, a language model's interface
+    "TASKS",
+    "Generation",
+    "interface_meta",
+    "check_style",
+    # data: tables and records, texts for a classifier, text corpora
+    "read_table",
+    "Table",
+    "Format",
+    "Record",
+    "read_records",
+    "read_fields",
+    "split_records",
+    "read_text",
+    "read_json_object",
+    "Collate",
+    "Encoded",
+    "Example",
+    "encode_examples",
+    "tokenize",
+    "truncate",
+    "by_length",
+    "Corpus",
+    "TextFormat",
+    "Windows",
+    "collate_windows",
+    "default_cache_dir",
+    "find_sources",
+    "tokenized",
+    # the model and its parts
+    "GPT",
+    "GPTConfig",
+    "GPTClassifier",
+    "build_model",
+    "lora_layers",
+    "merged_model",
+    "IGNORE",
+    "sequence_logprobs",
+    "EOT_ID",
+    "encode",
+    "get_tokenizer",
+    # using the model in a report: generation and responses
+    "generate",
+    "respond",
+    "prompt_tokens",
+    "write_responses",
+    # files written whole or not at all; metrics and plots
+    "write_text_atomic",
+    "write_file_atomic",
+    "classification_metrics",
+    "read_responses",
+    "reference_metrics",
+    "plot_confusion",
+    "plot_curves",
+    # bad input
+    "UserError",
+]
