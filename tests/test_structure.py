@@ -175,3 +175,17 @@ def test_the_scan_catches_planted_imports_and_a_lazy_cycle(tmp_path):
     assert recipes_beside_the_api(tmp_path) == ["finetune.recipes.text -> finetune.training.trainer"]
     plant("finetune/cli/model_commands.py", "from finetune.cli import main")
     assert ["finetune.cli.main", "finetune.cli.model_commands"] in cycles(tmp_path)
+
+
+def test_help_and_recipes_answer_without_importing_torch():
+    """`finetune --help` and `finetune recipes` (names and presets) read no recipe module and load no torch."""
+    import subprocess
+    import sys
+
+    for argv in (["--help"], ["recipes"]):
+        code = (f"import sys; from finetune.cli import main; code = main({argv!r}); "
+                "assert code == 0, code; assert 'torch' not in sys.modules, 'torch was imported'")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+    listed = subprocess.run([sys.executable, "-m", "finetune", "recipes"], capture_output=True, text=True, timeout=60)
+    assert "spam_tiny" in listed.stdout and "instruct_tiny" in listed.stdout
