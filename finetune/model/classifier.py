@@ -51,7 +51,7 @@ class GPTClassifier(nn.Module):
         assert index is not None, "hidden states come with the position to read"
         *body, last = cast(list[Block], list(self.gpt.blocks))
         for block in body[start:]:
-            hidden = block(hidden)
+            hidden = self.gpt.run_block(block, hidden)
         return self.head(self.gpt.ln_f(last.forward_at(hidden, index)))
 
     def pooled_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from finetune.errors import UserError
 
@@ -177,6 +178,9 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.to_empty(device=device)
         self.tie_weights()
+        # Training setting, not architecture (never saved): recompute each block's activations in the
+        # backward pass instead of keeping them (`train.activation_checkpointing`).
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, p in self.named_parameters():
@@ -231,11 +235,26 @@ class GPT(nn.Module):
         x = self.embed(idx, positions)
         mask = None if attention_mask is None else _attention_mask(attention_mask, past, T)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, cache, i)
+            x = self.run_block(block, x, mask, cache, i)
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
         return x if return_hidden else self.lm_head(x)
+
+    def run_block(
+        self,
+        block: nn.Module,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """`block(x)`; with activation checkpointing while training, only its input is kept and the block
+        runs again in the backward pass (dropout replays the same random numbers; torch's non-reentrant
+        form, so frozen inputs still pass gradients to adapters inside)."""
+        if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            return checkpoint(block, x, mask, use_reentrant=False)
+        return block(x, mask, cache, layer)
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream entering the first block: token plus position embeddings."""

@@ -54,6 +54,7 @@ from finetune.checkpoints.training_state import (
 )
 from finetune.config import RunConfig
 from finetune.errors import Interrupted, UserError
+from finetune.model.gpt import GPT
 from finetune.progress import progress
 from finetune.training.accelerator import environment
 from finetune.training.trackers import log_row, start_trackers
@@ -152,6 +153,9 @@ class Trainer:
                 f"{where['mixed_precision']}",
                 file=sys.stderr,
             )
+        for module in model.modules():  # the trunk, also inside a classifier
+            if isinstance(module, GPT):
+                module.activation_checkpointing = self.train_cfg.activation_checkpointing
         self.optimizer = adamw(model, self.train_cfg.lr, self.train_cfg.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
