@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -43,3 +44,21 @@ def in_own_process(script: str, *args: str) -> dict | str:
     if done.returncode != 0:
         return done.stderr.strip().splitlines()[-1]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def served_server(preset: str, max_batch: int, log_level: str = "warning"):
+    """A uvicorn server (not yet running) with `finetune serve`'s app over a seeded random model of
+    `preset`, on a free port of 127.0.0.1, and that port."""
+    import uvicorn
+
+    from finetune import GPT, GPTConfig
+    from finetune.inference.loading import Loaded
+    from finetune.serve.app import create_app
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(preset)).eval()
+    app = create_app(Loaded.of(model, model.checkpoint_meta(), preset), max_batch=max_batch)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level)), port

@@ -14,33 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from common import cpu_name  # benchmarks/ is this script's directory
+from common import cpu_name, served_server  # benchmarks/ is this script's directory
 
 PROMPT = ("I HAD always thought Jack Gisburn rather a cheap genius--though a good fellow enough--so it was no great "
           "surprise to me to hear that, in the height of his glory, he had dropped his painting")
 
 
 def start_server(preset: str, max_batch: int) -> tuple[str, object]:
-    import uvicorn
-
-    from finetune import GPT, GPTConfig
-    from finetune.inference.loading import Loaded
-    from finetune.serve.app import create_app
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset(preset)).eval()
-    app = create_app(Loaded.of(model, model.checkpoint_meta(), preset), max_batch=max_batch)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server, port = served_server(preset, max_batch)
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 
 import torch
-from common import cpu_name  # benchmarks/ is this script's directory
+from common import cpu_name, served_server  # benchmarks/ is this script's directory
 
 WORDS = ("the river ran past every house in the old town and nobody there had ever asked where it came "
          "from or why it never froze in winter").split()
@@ -33,20 +33,7 @@ WORDS = ("the river ran past every house in the old town and nobody there had ev
 
 def serve(port_out, preset: str, max_batch: int) -> None:
     """The server process: a seeded random model behind finetune's app, until terminated."""
-    import uvicorn
-
-    from finetune import GPT, GPTConfig
-    from finetune.inference.loading import Loaded
-    from finetune.serve.app import create_app
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset(preset)).eval()
-    app = create_app(Loaded.of(model, model.checkpoint_meta(), preset), max_batch=max_batch)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
-    server = uvicorn.Server(config)
+    server, port = served_server(preset, max_batch, log_level="error")
     port_out.put(port)
     server.run()
 
