@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from finetune.inference.generate import filter_logits, is_greedy
+from finetune.inference.generate import filter_logits, is_greedy, sample
 from finetune.model.gpt import GPT, KVCache
 from finetune.model.tokenizer import EOT_ID
 
@@ -329,7 +329,7 @@ class Engine:
         if is_greedy(request.temperature):
             return int(logits.argmax())
         probs = filter_logits(logits[None], request.temperature, None, request.top_p).softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return int(sample(probs, generator))
 
     @staticmethod
     def _scores(logits: torch.Tensor, tokens: list[int], top: int | None) -> list[TokenScore]:

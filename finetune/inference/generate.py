@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from finetune.errors import UserError
 from finetune.model.gpt import GPT, KVCache
@@ -16,6 +18,20 @@ GREEDY_BELOW = 1e-5
 
 def is_greedy(temperature: float) -> bool:
     return temperature < GREEDY_BELOW
+
+
+@dataclass
+class Decoded:
+    """What `decode` made: every row's prompt and new tokens, and each new token's log-probability."""
+
+    tokens: torch.Tensor  # (B, T + n): prompts left-padded to T, then n new tokens (rows that ended: eos_id)
+    logprobs: torch.Tensor  # (B, n) fp32: log-probability of each new token under the sampled distribution
+    prompts: list[list[int]]  # the prompts as decoded (cut to the context)
+
+    def rows(self) -> list[list[int]]:
+        """Prompt + new tokens per row, without the left padding."""
+        width = self.tokens.shape[1] - self.logprobs.shape[1]
+        return [row[width - len(p) :] for row, p in zip(self.tokens.tolist(), self.prompts, strict=True)]
 
 
 @torch.inference_mode()
@@ -37,21 +53,39 @@ def generate(
     padded with it: a `(B, T + n)` tensor, or a list of lists (prompt + n) for list prompts. Greedy when
     `temperature` is 0 (or below GREEDY_BELOW). Prompts longer than the context keep their last tokens, with a warning.
     """
+    decoded = decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache)
+    return decoded.tokens if isinstance(idx, torch.Tensor) else decoded.rows()
+
+
+@torch.inference_mode()
+def decode(
+    model: GPT,
+    idx: torch.Tensor | list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Decoded:
+    """`generate`'s decoding, keeping each new token's log-probability under the model's distribution
+    at `temperature` (logits / temperature, before top-k/top-p; the raw logits when greedy): what a
+    policy-gradient method needs of the policy that sampled (GRPO's old log-probabilities)."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    as_list = not isinstance(idx, torch.Tensor)
     prompts = _prompts(idx)
     context = model.config.context_length
     if any(len(p) > context - 1 for p in prompts):
         warnings.warn(
-            f"prompt longer than {context - 1} tokens; keeping its last {context - 1}", stacklevel=3
-        )  # past the inference_mode wrapper, to the caller
+            f"prompt longer than {context - 1} tokens; keeping its last {context - 1}", stacklevel=5
+        )  # past decode, generate and their inference_mode wrappers, to generate's caller
         prompts = [p[-(context - 1) :] for p in prompts]
     T = max(len(p) for p in prompts)
     n = min(max_new_tokens, context - T)
     if n < max_new_tokens:
         warnings.warn(
-            f"context length {context} leaves room for {n} new tokens, not {max_new_tokens}", stacklevel=3
-        )  # past the inference_mode wrapper, to the caller
+            f"context length {context} leaves room for {n} new tokens, not {max_new_tokens}", stacklevel=5
+        )  # past decode, generate and their inference_mode wrappers, to generate's caller
 
     device = next(model.parameters()).device
     pad = eos_id if eos_id is not None else 0
@@ -65,6 +99,7 @@ def generate(
     B = len(prompts)
     cache = KVCache(model.config, B, T + n) if use_cache else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    logprobs = []
     step_input, step_positions = tokens, positions
     for _ in range(n):
         mask = key_mask if padded else None
@@ -73,9 +108,13 @@ def generate(
         hidden = model(step_input, attention_mask=mask, positions=step_positions, cache=cache, return_hidden=True)
         logits = model.lm_head(hidden[:, -1, :])  # vocabulary logits for the last position only
         next_token = _next_token(logits, temperature, top_k, top_p, generator)
+        scaled = logits.float() if is_greedy(temperature) else logits.float() / temperature
+        logprob = scaled.log_softmax(-1).gather(1, next_token[:, None]).squeeze(1)
         if eos_id is not None:
             next_token = torch.where(finished, eos_id, next_token)
+            logprob = logprob.masked_fill(finished, 0.0)
             finished |= next_token == eos_id
+        logprobs.append(logprob)
         next_position = positions[:, -1:] + 1
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         positions = torch.cat([positions, next_position], dim=1)
@@ -84,10 +123,8 @@ def generate(
         if finished.all():
             break
     model.train(was_training)
-
-    if not as_list:
-        return tokens
-    return [row[T - len(p) :] for row, p in zip(tokens.tolist(), prompts, strict=True)]  # without the left padding
+    new = torch.stack(logprobs, dim=1) if logprobs else torch.zeros(B, 0, device=device)
+    return Decoded(tokens, new, prompts)
 
 
 def _prompts(idx: torch.Tensor | list[list[int]]) -> list[list[int]]:
@@ -136,5 +173,28 @@ def _next_token(
 ) -> torch.Tensor:
     if is_greedy(temperature):
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return sample(filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1), generator)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None, block: int = 1024) -> torch.Tensor:
+    """One token per row of `(B, vocab)` probabilities, by inverting the cumulative distribution at a
+    uniform draw: the same distribution as torch.multinomial, about 10x faster on CPU over GPT-2's 50,257
+    tokens (multinomial spends 120 ms on 128 rows on 2 cores; GRPO samples such batches every token).
+
+    The distribution is cut into blocks: the draw picks a block by the blocks' cumulative masses (float64),
+    then a token by the cumulative sum inside it (float32, so its rounding is relative to one block's mass,
+    not to the whole distribution's)."""
+    B, V = probs.shape
+    blocks = -(-V // block)
+    inside = F.pad(probs.float(), (0, blocks * block - V)).view(B, blocks, block).cumsum(dim=-1)
+    ends = inside[:, :, -1].double().cumsum(dim=-1)  # (B, blocks): mass up to each block's end
+    draw = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=probs.device) * ends[:, -1:]
+    draw = torch.minimum(draw, torch.nextafter(ends[:, -1:], torch.zeros_like(draw)))  # below the total, always
+    chosen = torch.searchsorted(ends, draw, right=True).clamp_(max=blocks - 1)  # (B, 1)
+    before = torch.where(chosen > 0, ends.gather(1, (chosen - 1).clamp(min=0)), 0.0)
+    cumulative = inside[torch.arange(B, device=probs.device), chosen[:, 0]]  # (B, block)
+    rest = (draw - before).to(cumulative.dtype).clamp_(max=cumulative[:, -1:])
+    index = torch.searchsorted(cumulative, rest, right=True).clamp_(max=block - 1)
+    # A draw on a block's last rounding step lands past its last token with mass: take that token.
+    last_with_mass = (cumulative < cumulative[:, -1:]).sum(-1, keepdim=True)
+    return (chosen * block + torch.minimum(index, last_with_mass)).squeeze(1)
