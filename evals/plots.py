@@ -24,9 +24,11 @@ def plot_curves(
     panels = 1 + bool(seen) + len(shown_metrics)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
     for ax, x in zip(axes[0], ["step", f"{seen}_seen"] if seen else ["step"], strict=False):
-        shown = [[r for r in rows if x in r] for rows in (train, val)]  # rows of an older version lack a count
+        # Rows of an older version lack a count; a recipe that evaluates by generation has no validation loss.
+        shown = [[r for r in rows if x in r and "loss" in r] for rows in (train, val)]
         ax.plot([r[x] for r in shown[0]], [r["loss"] for r in shown[0]], label="train", alpha=0.6)
-        ax.plot([r[x] for r in shown[1]], [r["loss"] for r in shown[1]], "o-", label="validation")
+        if shown[1]:
+            ax.plot([r[x] for r in shown[1]], [r["loss"] for r in shown[1]], "o-", label="validation")
         ax.set(xlabel=x.replace("_", " "), ylabel="loss", title="Loss")
         ax.legend()
     for ax, name in zip(axes[0][panels - len(shown_metrics) :], shown_metrics, strict=True):

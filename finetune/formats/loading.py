@@ -120,6 +120,26 @@ def load_with_meta(
     return _with_meta(model, labels)
 
 
+def stored_meta(name_or_path: str | Path) -> dict:
+    """What a local checkpoint, run directory or export records about itself (task, prompt style,
+    generation defaults), read without its weights; {} for a preset, a hub id or a book .pth. A recipe
+    that starts from a model reads its interface so, before any model is built."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return {}
+    path = resolve(path)
+    if not path.is_dir():
+        return {}
+    if is_peft_adapter(path):
+        return {"task": "lm", **read_export_interface(path)}
+    if (path / ADAPTER_CONFIG).exists() or read_config(path).get("format") == FORMAT:
+        return legacy_interface(read_meta(path), path, run_of(path))
+    raw = read_config(path)
+    if SEQUENCE_CLASSIFIER in (raw.get("architectures") or []):
+        return {"task": "classification"}
+    return {"task": "lm", **read_export_interface(path)}
+
+
 def _with_meta(model: Model, labels: list[str] | None = None) -> tuple[Model, dict]:
     """What a finetune checkpoint would record about a model that came from elsewhere."""
     meta = model.checkpoint_meta()

@@ -16,6 +16,8 @@ load into a LoRA model unchanged; its own parameters are `lora_A` and `lora_B`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -43,10 +45,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
+        self.disabled = False  # the base layer alone (adapters_disabled): the model before this adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
@@ -170,6 +173,22 @@ def merged_model(model: M) -> M:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, plain)
     return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` without its (unmerged) adapters for the duration: the base they were trained on, with no
+    second copy held (a reference model for a KL penalty)."""
+    layers = lora_layers(model)
+    if any(layer.merged for layer in layers):
+        raise ValueError("adapters_disabled: merged adapters are part of the weights; unmerge them first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

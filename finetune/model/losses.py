@@ -87,16 +87,26 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return scale(grad_hidden), scale(grad_weight), None, None, None
 
 
-def sequence_logprobs(
-    model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, mean: bool = False
+def token_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Each sequence's log-probability of its targets (IGNORE = skip), summed or averaged per target:
-    what preference tuning compares. Only the rows with a target are projected onto the vocabulary."""
+    """`(B, T)` log-probability of each target under the model's logits / `temperature` (0 where the
+    target is IGNORE): what policy-gradient methods weigh per token. Only the rows with a target are
+    projected onto the vocabulary."""
     hidden = model(input_ids, return_hidden=True)
     keep = targets != IGNORE
     head = cast(nn.Module, getattr(model, "module", model).lm_head)  # the GPT itself under DistributedDataParallel
     logits = head(hidden[keep]).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     picked = logits.gather(1, targets[keep][:, None]).squeeze(1) - logits.logsumexp(dim=1)
-    rows = keep.nonzero()[:, 0]
-    total = torch.zeros(len(input_ids), dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
-    return total / keep.sum(dim=1).clamp(min=1) if mean else total
+    return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
+
+
+def sequence_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, mean: bool = False
+) -> torch.Tensor:
+    """Each sequence's log-probability of its targets (IGNORE = skip), summed or averaged per target:
+    what preference tuning compares."""
+    total = token_logprobs(model, input_ids, targets).sum(dim=1)
+    return total / (targets != IGNORE).sum(dim=1).clamp(min=1) if mean else total

@@ -18,7 +18,10 @@ def config_keys(model: type[BaseModel], prefix: str = "", values: BaseModel | No
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        default = getattr(values, name) if values is not None else field.get_default(call_default_factory=True)
+        if values is not None:
+            default = getattr(values, name)
+        else:
+            default = "(required)" if field.is_required() else field.get_default(call_default_factory=True)
         if isinstance(default, BaseModel):
             rows += config_keys(type(default), f"{key}.", default)
             continue
@@ -30,6 +33,9 @@ def config_keys(model: type[BaseModel], prefix: str = "", values: BaseModel | No
                 "description": field.description or "",
             }
         )
+        item = get_args(field.annotation)[0] if get_origin(field.annotation) is list else None
+        if isinstance(item, type) and issubclass(item, BaseModel):  # a list of sections: each one's keys
+            rows += config_keys(item, f"{key}[].")
     return rows
 
 
@@ -52,6 +58,8 @@ def type_name(annotation: Any) -> str:
 def _default(value: Any) -> str:
     if isinstance(value, BaseModel):
         return "(section)"
+    if isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+        value = [v.model_dump(exclude_defaults=True) for v in value]
     return json.dumps(value) if not isinstance(value, str) else value
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from accelerate import Accelerator
@@ -84,6 +84,19 @@ class Task(Protocol):
 
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
         """Metrics over the whole loader, gathered across processes."""
+
+
+@runtime_checkable
+class RolloutTask(Task, Protocol):
+    """A task whose training batches the model itself makes (reinforcement learning): each step's
+    micro-batches of prompts go through `rollout` once (sampling, rewards), then `updates_per_batch`
+    optimizer steps learn from what it returned. One trainer step is that whole round, so checkpoints
+    fall between rounds and a resumed run samples again from the restored random state."""
+
+    updates_per_batch: int
+
+    def rollout(self, model: torch.nn.Module, micro: list[dict]) -> list[dict]:
+        """The micro-batches to learn from, made with `model` (unwrapped, in eval mode, no gradients)."""
 
 
 @dataclass
@@ -203,7 +216,7 @@ class Trainer:
             batches = iter(self._train_loader(self.state.epoch, self.state.batches_in_epoch))
             while micro := list(islice(batches, cfg.grad_accum_steps)):
                 lr = self._lr()
-                loss, targets = self._optimizer_step(micro, lr)
+                loss, targets = self._round(micro, lr)
                 self.state.step += 1
                 self.state.seen += targets
                 self.state.batches_in_epoch += len(micro)
@@ -243,6 +256,21 @@ class Trainer:
             generator=generator,
         )  # own generator: keeps the global RNG for dropout
         return self.accelerator.prepare(loader)
+
+    def _round(self, micro: list[dict], lr: float) -> tuple[float, int]:
+        """One trainer step: an optimizer step over `micro`; for a `RolloutTask`, its rollouts first, then
+        its updates on them, the logged loss and metrics averaged over the updates."""
+        if not isinstance(self.task, RolloutTask):
+            return self._optimizer_step(micro, lr)
+        with torch.no_grad():
+            micro = self.task.rollout(self.accelerator.unwrap_model(self.model), micro)
+        losses, extras = [], []
+        for _ in range(self.task.updates_per_batch):
+            loss, targets = self._optimizer_step(micro, lr)
+            losses.append(loss)
+            extras.append(self.step_extras)
+        self.step_extras = {name: sum(e[name] for e in extras) / len(extras) for name in extras[-1]}
+        return sum(losses) / len(losses), targets
 
     def _optimizer_step(self, micro: list[dict], lr: float) -> tuple[float, int]:
         """One optimizer step over micro-batches; returns the loss per target and the targets (all processes).
