@@ -48,6 +48,28 @@ PREFERENCES = BundledFile(
     "the bundled preference data",
 )
 
+ARITHMETIC = BundledFile(
+    "arithmetic/arithmetic.jsonl",
+    "56ad909812879d2e453135a65d27663afffdfe2d6fcc118ad0c0f7ea4107a2de",
+    "make_arithmetic.py beside it (which rewrites it byte for byte)",
+    "the bundled arithmetic questions",
+)
+NAMED = {"instructions": INSTRUCTIONS, "preferences": PREFERENCES, "arithmetic": ARITHMETIC}
+PREFIX = "bundled:"
+
+
+def data_file(path: str | None, default: BundledFile, setting: str = "data.path") -> Path:
+    """A recipe's data file: `path` as given, `bundled:NAME` for a file shipped here (a preset names
+    one so), or the recipe's `default` when `path` is null."""
+    if path is None:
+        return bundled(default)
+    if path.startswith(PREFIX):
+        name = path.removeprefix(PREFIX)
+        if name not in NAMED:
+            raise UserError(f"{setting}: no bundled data named '{name}'; choose one of {', '.join(NAMED)}")
+        return bundled(NAMED[name])
+    return Path(path)
+
 
 def bundled(file: BundledFile) -> Path:
     """The installed copy of `file`, after checking it is the published one."""
@@ -55,9 +77,13 @@ def bundled(file: BundledFile) -> Path:
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as e:
-        raise UserError(f"bundled data file {path} is missing or unreadable ({e.strerror}); "
-                        f"reinstall finetune-gpt2 or restore it from {file.url}") from e
+        raise UserError(
+            f"bundled data file {path} is missing or unreadable ({e.strerror}); "
+            f"reinstall finetune-gpt2 or restore it from {file.url}"
+        ) from e
     if digest != file.sha256:
-        raise UserError(f"bundled data file {path}: checksum mismatch (altered or damaged); "
-                        f"reinstall finetune-gpt2 or restore it from {file.url}")
+        raise UserError(
+            f"bundled data file {path}: checksum mismatch (altered or damaged); "
+            f"reinstall finetune-gpt2 or restore it from {file.url}"
+        )
     return path

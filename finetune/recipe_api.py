@@ -36,24 +36,27 @@ from finetune.errors import UserError
 from finetune.evals.classification import classification_metrics
 from finetune.evals.generation import read_responses, reference_metrics
 from finetune.evals.plots import plot_confusion, plot_curves
-from finetune.formats.loading import build_model
-from finetune.inference.generate import generate
+from finetune.formats.loading import build_model, stored_meta
+from finetune.inference.generate import Decoded, decode, generate
+from finetune.inference.loading import load_classifier
+from finetune.inference.predict import predict
 from finetune.inference.respond import prompt_tokens, respond, write_responses
 from finetune.model.classifier import GPTClassifier
 from finetune.model.gpt import GPT, GPTConfig
-from finetune.model.lora import lora_layers, merged_model
-from finetune.model.losses import IGNORE, sequence_logprobs
+from finetune.model.lora import adapters_disabled, lora_layers, merged_model
+from finetune.model.losses import IGNORE, sequence_logprobs, token_logprobs
 from finetune.model.tokenizer import EOT_ID, encode, get_tokenizer
 from finetune.training.features import CachedFeatures, CollateFeatures, cache_splits
 from finetune.training.next_token import NextTokenTask, perplexity_table
 from finetune.training.recipe import SPLITS, Recipe, Setup, evaluate_splits, language_model
-from finetune.training.trainer import Examples, Task, eval_loader
+from finetune.training.trainer import Examples, RolloutTask, Task, eval_loader
 
 __all__ = [
     # the interface a recipe implements, and what the trainer asks of its task
     "Recipe",
     "Setup",
     "Task",
+    "RolloutTask",
     "SPLITS",
     "evaluate_splits",
     "language_model",
@@ -106,15 +109,23 @@ __all__ = [
     "GPTConfig",
     "GPTClassifier",
     "build_model",
+    "stored_meta",
     "lora_layers",
     "merged_model",
+    "adapters_disabled",
     "IGNORE",
     "sequence_logprobs",
+    "token_logprobs",
     "EOT_ID",
     "encode",
     "get_tokenizer",
-    # using the model in a report: generation and responses
+    # using the model: generation (and its log-probabilities, for reinforcement learning), responses,
+    # a trained classifier's predictions (a reward model)
     "generate",
+    "decode",
+    "Decoded",
+    "load_classifier",
+    "predict",
     "respond",
     "prompt_tokens",
     "write_responses",

@@ -1,5 +1,5 @@
 """The bundled recipes: classification (and its SMS spam preset), instruction tuning, preference tuning
-(DPO) and plain text.
+(DPO), reinforcement learning with verifiable rewards (GRPO, its rewards in `rewards.py`) and plain text.
 Each module defines `RECIPE`, a `finetune.training.recipe.Recipe`, registered in pyproject's `finetune.recipes`
 entry-point group exactly as a recipe from another package would be. Presets are in `configs/`, sweeps
 (`finetune sweep --spec NAME`) in `sweeps/`."""

@@ -25,7 +25,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from finetune.datasets import PREFERENCES, bundled
+from finetune.datasets import PREFERENCES, data_file
 from finetune.recipe_api import (
     EOT_ID,
     GPT,
@@ -122,7 +122,7 @@ class Pair:
 
 def read_pairs(data: PreferenceData) -> list[Pair]:
     """Preference records, checked: both responses present and non-empty; identical ones counted."""
-    path = Path(data.path) if data.path is not None else bundled(PREFERENCES)
+    path = data_file(data.path, PREFERENCES)
     hint = "set data.{}_field if your file names it differently".format
     columns = {
         "instruction": (data.instruction_field, hint("instruction"), True),

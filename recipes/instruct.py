@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from finetune.datasets import INSTRUCTIONS, bundled
+from finetune.datasets import INSTRUCTIONS, data_file
 from finetune.recipe_api import (
     EOT_ID,
     IGNORE,
@@ -105,7 +105,7 @@ Config = InstructConfig
 
 
 def read_instructions(data: InstructData) -> list[Record]:
-    path = Path(data.path) if data.path is not None else bundled(INSTRUCTIONS)
+    path = data_file(data.path, INSTRUCTIONS)
     return read_records(path, data.format, data.instruction_field, data.input_field, data.output_field)
 
 
