@@ -91,7 +91,7 @@ def test_the_layout_tree_in_contributing_lists_every_folder():
     listed = set(re.findall(r"^  (\w+)/", tree, re.M))
     folders = {p.parent.name for p in (ROOT / "finetune").glob("*/__init__.py")}
     assert listed == folders
-    assert set(re.findall(r"^(\w+)/", tree, re.M)) == {"finetune", "recipes", "evals", "datasets"}
+    assert set(re.findall(r"^(\w+)/", tree, re.M)) == {"finetune", "recipes", "evals", "bundled"}
 
 
 def recipe_package(tmp_path: Path, source: str) -> Path:

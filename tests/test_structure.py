@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 PACKAGES = {"finetune": "finetune", "evals": "finetune.evals", "recipes": "finetune.recipes",
-            "datasets": "finetune.datasets"}  # folder -> installed package
+            "bundled": "finetune.datasets"}  # folder -> installed package
 
 # Lowest first. A module may import from a lower rank, or from its own folder; the same rank is no excuse
 # (training and inference know nothing of each other; serve, experiments and evals neither).

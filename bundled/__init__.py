@@ -2,7 +2,7 @@
 
 Each file is read through the package (`importlib.resources`), never through a path into a source
 checkout, and checked against the SHA-256 of the published file before use. Sources and licenses:
-`datasets/README.md`.
+`bundled/README.md`.
 """
 
 from __future__ import annotations

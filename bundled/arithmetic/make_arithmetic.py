@@ -4,7 +4,7 @@ instruction record with its `answer` column (what GRPO's rewards check) and an `
 in one of three ways, as answers written by people do: `36`, `The answer is 36.` or `19 + 17 = 36`.
 Instruction tuning on `output` learns the sums and all three forms; a GRPO run that rewards the bare
 number then has a format to learn as well as the arithmetic. Seeded, so the file is the same on every machine:
-`python datasets/arithmetic/make_arithmetic.py` rewrites it byte for byte."""
+`python bundled/arithmetic/make_arithmetic.py` rewrites it byte for byte."""
 
 import json
 import random
