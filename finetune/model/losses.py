@@ -107,6 +107,9 @@ def sequence_logprobs(
     model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, mean: bool = False
 ) -> torch.Tensor:
     """Each sequence's log-probability of its targets (IGNORE = skip), summed or averaged per target:
-    what preference tuning compares."""
-    total = token_logprobs(model, input_ids, targets).sum(dim=1)
-    return total / (targets != IGNORE).sum(dim=1).clamp(min=1) if mean else total
+    what preference tuning compares. Summed in float64: a response's hundreds of log-probabilities
+    would otherwise lose digits that DPO's differences of sums keep."""
+    per_token = token_logprobs(model, input_ids, targets)
+    total = per_token.sum(dim=1, dtype=torch.float64)
+    total = total / (targets != IGNORE).sum(dim=1).clamp(min=1) if mean else total
+    return total.to(per_token.dtype)

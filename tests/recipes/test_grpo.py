@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from finetune.formats.loading import build_model, load_pretrained
 from finetune.model.lora import apply_lora
 from finetune.model.tokenizer import EOT_ID, get_tokenizer
-from finetune.recipes.grpo import GRPOSection, GRPOTask, Prompt, ask
+from finetune.recipes.grpo_task import GRPOSection, GRPOTask, Prompt, ask
 from finetune.recipes.rewards import Rewards, RewardSpec
 from finetune.data.records import Record
 from tests.helpers import assert_same_files, cli, one_line_error, run_killed_and_resumed
@@ -338,3 +338,23 @@ def test_the_offline_presets_raise_held_out_reward_and_pass_at_1(tmp_path, capsy
     end = json.loads((tmp_path / "runs/grpo_tiny/metrics.json").read_text())["val"]
     assert end["reward"] > start["reward"] + 0.25, (start["reward"], end["reward"])
     assert end["pass@1"] >= start["pass@1"] + 0.04, (start["pass@1"], end["pass@1"])
+
+
+def test_two_processes_train_and_evaluate_every_prompt_once(tmp_path):
+    """Under `accelerate launch` (2 CPU processes): each samples and scores its own prompts' groups, the
+    step's loss and metrics are reduced over both, and evaluation counts each held-out prompt once (the
+    repeats accelerate adds to even out the last batch are dropped)."""
+    import subprocess
+
+    from tests.training.test_multiprocess import ENV, launch
+
+    data = arithmetic_file(tmp_path / "arith.jsonl", 47)  # 39 train, 4 test, 4 val: uneven over 2 x 3
+    out = tmp_path / "two"
+    done = subprocess.run(launch(*grpo_args(out, data, "train.eval_batch_size=3")), capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["environment"]["processes"] == 2
+    assert metrics["val"]["prompts"] == 4 and metrics["test"]["prompts"] == 4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 6))  # 39 / (4 x 2) -> 5 steps
