@@ -44,9 +44,9 @@ def number_reward(completions, answer, **_):
 def run_ours(model_name: str, prompts: int, group: int, tokens: int, steps: int) -> list[float]:
     from finetune.data.records import Record
     from finetune.formats.loading import build_model
-    from finetune.recipes.grpo import GRPOSection, GRPOTask, Prompt, ask
+    from finetune.recipes.grpo_task import GRPOSection, GRPOTask, Prompt, ask
     from finetune.recipes.rewards import Rewards, RewardSpec
-    from finetune.training.trainer import adamw
+    from finetune.training.optimizer import adamw
 
     torch.manual_seed(0)
     model = build_model(model_name, "random")

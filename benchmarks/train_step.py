@@ -92,7 +92,7 @@ def build_transformers(method: str, setting: str) -> torch.nn.Module:
 
 def run_case(implementation: str, method: str, steps: int, batch: int, length: int, precision: str,
              setting: str) -> dict:
-    from finetune.training.trainer import adamw
+    from finetune.training.optimizer import adamw
 
     torch.manual_seed(0)
     model = build_ours(method) if implementation == "ours" else build_transformers(method, setting)

@@ -64,3 +64,23 @@ def set_tf32(device: torch.device, enabled: bool) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
+
+
+def bf16_hint(accelerator: Accelerator) -> str | None:
+    """One line for a run that trains in fp32 on a CPU with bf16 matrix instructions (AVX512-BF16 or AMX),
+    where bf16 autocast roughly halves a step (docs/gpus.md, measured); None elsewhere."""
+    if accelerator.device.type != "cpu" or accelerator.mixed_precision != "no" or not cpu_has_bf16():
+        return None
+    return (
+        "this CPU has bf16 instructions: train.mixed_precision=bf16 would train faster here (GPT-2 124M "
+        f"steps {BF16_SPEEDUP} on a 2-core AMD EPYC with AVX512-BF16; docs/gpus.md)"
+    )
+
+
+BF16_SPEEDUP = "2.1-2.4x as fast"  # benchmarks/train_step.py --precision fp32 bf16, 2026-12-03 (docs/gpus.md)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16, or AMX tiles)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)

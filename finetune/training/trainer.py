@@ -56,7 +56,8 @@ from finetune.config import RunConfig
 from finetune.errors import Interrupted, UserError
 from finetune.model.gpt import GPT
 from finetune.progress import progress
-from finetune.training.accelerator import environment
+from finetune.training.accelerator import bf16_hint, environment
+from finetune.training.optimizer import adamw
 from finetune.training.trackers import log_row, start_trackers
 from finetune.training.trainable import parameter_counts
 
@@ -166,6 +167,9 @@ class Trainer:
                 f"{where['mixed_precision']}",
                 file=sys.stderr,
             )
+            hint = bf16_hint(accelerator)
+            if hint and not quiet:
+                tqdm.write(hint, file=sys.stderr)
         for module in model.modules():  # the trunk, also inside a classifier
             if isinstance(module, GPT):
                 module.activation_checkpointing = self.train_cfg.activation_checkpointing
@@ -493,20 +497,3 @@ def _signals_to_flag() -> Iterator[list[int]]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, norms), as nanoGPT and most recipes do.
-
-    The fused implementation updates every parameter in one pass (about 4x faster than foreach on a
-    124M model on CPU); devices without it get the foreach one."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
-    except RuntimeError:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), foreach=True)

@@ -282,3 +282,19 @@ def test_tf32_matmuls_on_cuda_as_configured_and_cpu_left_alone(tmp_path, monkeyp
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("has_bf16, precision, quiet, shown", [
+    (True, "no", False, True), (True, "bf16", False, False), (False, "no", False, False), (True, "no", True, False),
+])
+def test_an_fp32_run_on_a_cpu_with_bf16_says_bf16_would_be_faster(tmp_path, capsys, monkeypatch, has_bf16, precision,
+                                                                  quiet, shown):
+    from tests.helpers import cli, small_spam_file, tiny_spam_args
+    import finetune.training.accelerator as accelerator
+
+    monkeypatch.setattr(accelerator, "cpu_has_bf16", lambda: has_bf16)
+    args = tiny_spam_args(small_spam_file(tmp_path / "sms.tsv", 8), tmp_path / "run", "train.epochs=1",
+                          f"train.mixed_precision={precision}")
+    code, _, err = cli(capsys, *[a for a in args if quiet or a != "--quiet"])
+    assert code == 0, err
+    assert ("train.mixed_precision=bf16 would train faster" in err) == shown, err
