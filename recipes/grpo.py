@@ -203,7 +203,9 @@ class GRPO(Recipe[GRPOConfig, Prompts]):
         accelerator: Accelerator,
         reuse: dict,
     ) -> dict:
-        """Greedy pass@1 and reward, and the sampled reward, of the held-out splits asked for."""
+        """Greedy pass@1 and reward, and the sampled reward, of the held-out splits asked for, prompted in the
+        style the evaluated model stores (`finetune eval` of a run whose start is gone still asks it right)."""
+        style = meta.get("prompt_style") or data.style
         task = GRPOTask(config.grpo, data.rewards, None, config.train.seed)
         batch_size = config.train.eval_batch_size or config.train.batch_size
         gpt = accelerator.unwrap_model(model)
@@ -211,7 +213,7 @@ class GRPO(Recipe[GRPOConfig, Prompts]):
             split: task.evaluate(
                 model,
                 accelerator.prepare(
-                    eval_loader(ask(data.splits[split], data.style, gpt, config.grpo), batch_size, CollatePrompts())
+                    eval_loader(ask(data.splits[split], style, gpt, config.grpo), batch_size, CollatePrompts())
                 ),
                 accelerator,
             )

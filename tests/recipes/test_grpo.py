@@ -27,6 +27,11 @@ def digits_reward(completions, **_):
     return [sum(ch.isdigit() for ch in c) / max(1, len(c)) + len(c) % 3 for c in completions]
 
 
+def prompted_in_phi3(prompts, **_):
+    """1 for a completion whose prompt was written in the phi3 style: a reward that sees the style."""
+    return [float(p.startswith("<|user|>")) for p in prompts]
+
+
 def eager_model(seed: int = 0):
     """gpt2-tiny, random, made to end replies early and at different lengths: the final norm's bias and
     the end-of-text embedding share a direction, so its logit is large."""
@@ -358,3 +363,28 @@ def test_two_processes_train_and_evaluate_every_prompt_once(tmp_path):
     assert metrics["val"]["prompts"] == 4 and metrics["test"]["prompts"] == 4
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 6))  # 39 / (4 x 2) -> 5 steps
+
+
+def test_the_start_gives_the_prompt_style_and_eval_needs_only_the_run(tmp_path, capsys):
+    """A GRPO run from another language-model run takes that run's prompt style (phi3 here, not the alpaca
+    default); `finetune eval` of it gives its metrics.json again, also once its start is deleted."""
+    import shutil
+
+    data = arithmetic_file(tmp_path / "arith.jsonl", 40)
+    start, run = tmp_path / "start", tmp_path / "run"
+    assert cli(capsys, *grpo_args(start, data))[0] == 0
+    phi3 = "grpo.rewards=[{kind: function, function: 'tests.recipes.test_grpo:prompted_in_phi3'}]"
+    args = [a for a in grpo_args(run, data, f"model.name={start}", "model.init=pretrained", phi3)
+            if not a.startswith(("data.prompt_style=", "model.name=gpt2-tiny", "model.init=random"))]
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    assert json.loads((run / "responses.jsonl").read_text().splitlines()[0])["prompt_style"] == "phi3"
+    assert json.loads((run / "best" / "config.json").read_text())["prompt_style"] == "phi3"
+    expected = json.loads((run / "metrics.json").read_text())
+    assert expected["val"]["reward"] == expected["test"]["reward"] == 1.0  # every prompt was asked in phi3
+    shutil.rmtree(start)
+    code, out, err = cli(capsys, "eval", str(run), "--split", "val", "test", "--json")
+    assert code == 0, err
+    again = json.loads(out)
+    for split in ("val", "test"):
+        assert again[split] == expected[split], split
