@@ -140,6 +140,12 @@ def instruct(out, data):
             "overwrite=true", f"data.path={data}"]
 
 
+def grpo(out, *extra):
+    """A GRPO run from a random gpt2-tiny on the bundled arithmetic prompts, with `extra` on top."""
+    return ["run", "grpo", "--quiet", "--config", "grpo_tiny", f"output_dir={out}", "overwrite=true",
+            "model.name=gpt2-tiny", "model.init=random", "data.prompt_style=phi3", *extra]
+
+
 def text(out, data, *extra):
     return ["run", "text", "--quiet", "--config", "text_tiny", f"output_dir={out}", "overwrite=true",
             f"data.path={data}", f"data.cache_dir={out.parent / 'token-cache'}", *extra]
@@ -282,6 +288,21 @@ CASES = [
     ("cli-bad-number", lambda o, d, f: ["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
     ("cli-unknown-option", lambda o, d, f: ["eval", str(o), "--splits", "test"], "unrecognized arguments: --splits"),
     ("score-missing-file", lambda o, d, f: ["score", str(f / "none.jsonl")], "cannot read responses"),
+    # GRPO: prompts, rewards and the start, all refused before a model is built (the room check needs the context)
+    ("bundled-unknown", lambda o, d, f: instruct(o, "bundled:recipes"), "no bundled data named 'recipes'"),
+    ("grpo-group-of-one", lambda o, d, f: grpo(o, "grpo.group_size=1"), "grpo.group_size"),
+    ("grpo-no-prompts", lambda o, d, f: grpo(o, f"data.path={f / 'empty.json'}"), "empty.json: empty file"),
+    ("grpo-reward-incomplete", lambda o, d, f: grpo(o, "grpo.rewards=[{kind: exact}]"), "'exact' reward needs column"),
+    ("grpo-reward-column-missing", lambda o, d, f: grpo(o, "grpo.rewards=[{kind: number, column: solution}]"),
+     "column 'solution'"),
+    ("grpo-reward-weights-zero", lambda o, d, f: grpo(o, "grpo.rewards=[{kind: number, column: answer, weight: 0}]"),
+     "weights sum to 0"),
+    ("grpo-reward-unimportable", lambda o, d, f: grpo(o, "grpo.rewards=[{kind: function, function: 'nowhere:f'}]"),
+     "cannot import 'nowhere'"),
+    ("grpo-reward-label-unknown", lambda o, d, f: grpo(o, f"grpo.rewards=[{{kind: classifier, model: '{o}', label: x}}]"),
+     "has no label 'x'"),
+    ("grpo-no-room", lambda o, d, f: grpo(o, "grpo.max_new_tokens=250"), "leaving no room for grpo.max_new_tokens=250"),
+    ("grpo-classifier-start", lambda o, d, f: grpo(o, f"model.name={o}", "model.init=pretrained"), "is a classifier"),
     ("score-missing-field", lambda o, d, f: ["score", str(f / "responses.jsonl")], "responses.jsonl:1: missing string field 'response'"),
     ("score-judge-half", lambda o, d, f: ["score", str(f / "responses.jsonl"), "--judge-url", "http://127.0.0.1:1/api/chat"], "go together"),
 ]
