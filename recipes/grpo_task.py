@@ -101,14 +101,13 @@ class GRPOTask:
         tokens = decoded.tokens[:, decoded.tokens.shape[1] - n :].tolist()
         return decoded.logprobs, [row[: row.index(EOT_ID) + 1] if EOT_ID in row else row for row in tokens]
 
-    def score(self, asked: list[Asked], copies: int, kept: list[list[int]]) -> tuple[torch.Tensor, list[str]]:
-        """Every reward of every completion `(N, rewards)`, and the completions' texts."""
+    def score(self, asked: list[Asked], copies: int, kept: list[list[int]]) -> torch.Tensor:
+        """Every reward of every completion `(N, rewards)`; completion i answers prompt i // copies."""
         tokenizer = get_tokenizer()
         texts = [tokenizer.decode([t for t in ids if t != EOT_ID]) for ids in kept]
-        owners = [a for a in asked for _ in range(copies)]
-        prompts = [tokenizer.decode(a.ids) for a in owners]
-        records = [{"columns": a.prompt.columns, "where": a.prompt.where} for a in owners]
-        return self.rewards.score(prompts, texts, kept, records), texts
+        prompts = [text for a in asked for text in [tokenizer.decode(a.ids)] * copies]  # each decoded once
+        records = [{"columns": a.prompt.columns, "where": a.prompt.where} for a in asked for _ in range(copies)]
+        return self.rewards.score(prompts, texts, kept, records)
 
     def rollout(self, model: torch.nn.Module, micro: list[dict]) -> list[dict]:
         return [self._rollout(model, batch["asked"]) for batch in micro]
@@ -119,7 +118,7 @@ class GRPOTask:
         if not isinstance(gpt, GPT):  # the trainer hands over the unwrapped model
             raise TypeError(f"GRPO samples from a GPT, got {type(model).__name__}")
         old_logps, kept = self.completions(gpt, asked, G, s.temperature)
-        scores, _ = self.score(asked, G, kept)
+        scores = self.score(asked, G, kept)
         total = self.rewards.total(scores)
         grouped = total.view(-1, G)
         std = grouped.std(dim=1)
@@ -216,9 +215,9 @@ class GRPOTask:
             with accelerator.autocast():
                 _, kept = self.completions(gpt, asked, 1, 0.0)
                 _, sampled = self.completions(gpt, asked, G, s.temperature, generator)
-            scores, _ = self.score(asked, 1, kept)
+            scores = self.score(asked, 1, kept)
             greedy = self.rewards.total(scores)
-            sampled_total = self.rewards.total(self.score(asked, G, sampled)[0])
+            sampled_total = self.rewards.total(self.score(asked, G, sampled))
             per_prompt = torch.stack(
                 [
                     greedy,

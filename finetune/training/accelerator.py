@@ -66,6 +66,9 @@ def set_tf32(device: torch.device, enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+BF16_SPEEDUP = "2.1-2.4x as fast"  # benchmarks/train_step.py --precision fp32 bf16, 2026-12-03 (docs/gpus.md)
+
+
 def bf16_hint(accelerator: Accelerator) -> str | None:
     """One line for a run that trains in fp32 on a CPU with bf16 matrix instructions (AVX512-BF16 or AMX),
     where bf16 autocast roughly halves a step (docs/gpus.md, measured); None elsewhere."""
@@ -75,9 +78,6 @@ def bf16_hint(accelerator: Accelerator) -> str | None:
         "this CPU has bf16 instructions: train.mixed_precision=bf16 would train faster here (GPT-2 124M "
         f"steps {BF16_SPEEDUP} on a 2-core AMD EPYC with AVX512-BF16; docs/gpus.md)"
     )
-
-
-BF16_SPEEDUP = "2.1-2.4x as fast"  # benchmarks/train_step.py --precision fp32 bf16, 2026-12-03 (docs/gpus.md)
 
 
 def cpu_has_bf16() -> bool:
