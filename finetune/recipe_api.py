@@ -7,7 +7,7 @@ move; `tests/test_structure.py` holds the bundled recipes to it. docs/contributi
 from __future__ import annotations
 
 from finetune.checkpoints.atomic import write_file_atomic, write_text_atomic
-from finetune.checkpoints.interface import TASKS, Generation, interface_meta
+from finetune.checkpoints.interface import MULTI_LABEL, REGRESSION, SINGLE_LABEL, TASKS, Generation, interface_meta
 from finetune.config import (
     FinetuneSection,
     Float,
@@ -33,9 +33,10 @@ from finetune.data.prompts import check_style
 from finetune.data.records import Record, read_fields, read_records, split_records
 from finetune.data.tables import Format, Table, read_table
 from finetune.errors import UserError
-from finetune.evals.classification import classification_metrics
+from finetune.evals.classification import classification_metrics, multilabel_metrics
 from finetune.evals.generation import read_responses, reference_metrics
 from finetune.evals.plots import plot_confusion, plot_curves
+from finetune.evals.regression import regression_metrics
 from finetune.formats.loading import build_model, stored_meta
 from finetune.inference.generate import Decoded, decode, generate
 from finetune.inference.loading import load_classifier
@@ -77,6 +78,9 @@ __all__ = [
     "Float",
     # what a trained model is (Setup.meta): the tasks the toolkit can use, a language model's interface
     "TASKS",
+    "SINGLE_LABEL",
+    "MULTI_LABEL",
+    "REGRESSION",
     "Generation",
     "interface_meta",
     "check_style",
@@ -133,6 +137,8 @@ __all__ = [
     "write_text_atomic",
     "write_file_atomic",
     "classification_metrics",
+    "multilabel_metrics",
+    "regression_metrics",
     "read_responses",
     "reference_metrics",
     "plot_confusion",

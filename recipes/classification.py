@@ -6,11 +6,12 @@ fractions, or separate train/val/test files; optional undersampling to the rares
 (GPT-2 + an N-way head on the last real token) -> train (last block + final norm + head by default;
 optionally class-weighted) -> evaluate (every split, per-class metrics, beside a TF-IDF + logistic
 regression baseline on the same split) -> report (metrics.json, curves.png, confusion_matrix.png).
+The model, its inputs, the feature cache and evaluation are those of every text-head recipe
+(`finetune.recipes.text_head`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -20,38 +21,19 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from pydantic import Field
 
-from finetune.datasets import BundledFile, bundled
+from finetune.datasets import BundledFile
 from finetune.recipe_api import (
+    SINGLE_LABEL,
     SPLITS,
-    CachedFeatures,
-    Collate,
-    CollateFeatures,
-    Encoded,
     Example,
-    Examples,
     FinetuneSection,
-    GPTClassifier,
-    ModelSection,
-    Recipe,
-    RunConfig,
-    Setup,
-    TrainSection,
     UserError,
-    build_model,
-    by_length,
-    cache_splits,
     classification_metrics,
-    evaluate_splits,
     plot_confusion,
     plot_curves,
-    read_table,
-    tokenize,
-    truncate,
-)
-from finetune.recipe_api import (
-    encode_examples as encode,
 )
 from finetune.recipes.labelled_data import (
+    ONE_FILE,
     ClassificationData,
     LabelledData,
     balanced,
@@ -59,24 +41,15 @@ from finetune.recipes.labelled_data import (
     index_rows,
     label_name,
     read_labelled,
+    source_tables,
     split_examples,
 )
+from finetune.recipes.text_head import HeadConfig, HeadTrain, TextHeadRecipe
 
 # -- config -------------------------------------------------------------------------------------
 
 
-class ClassifierModel(ModelSection):
-    pool: Literal["last_token", "last_position"] = Field(
-        "last_token", description="read the last real token, or the last position as the book does"
-    )
-
-
-class ClassificationTrain(TrainSection):
-    cache_features: bool = Field(
-        True,
-        description="compute the frozen layers below the first trainable block once per example, not every "
-        "epoch (only when dropout is 0); costs tokens x n_embd x 4 bytes of memory",
-    )
+class ClassificationTrain(HeadTrain):
     class_weights: Literal["balanced"] | None = Field(
         None,
         description="balanced = weight each class's loss by n / (classes x count), as scikit-learn's "
@@ -84,10 +57,9 @@ class ClassificationTrain(TrainSection):
     )
 
 
-class ClassificationConfig(RunConfig):
+class ClassificationConfig(HeadConfig):
     recipe: Literal["classification"] = "classification"
     output_dir: str = "runs/classification"
-    model: ClassifierModel = ClassifierModel()
     data: ClassificationData = ClassificationData()
     train: ClassificationTrain = ClassificationTrain()
     finetune: FinetuneSection = FinetuneSection(trainable="last_block")
@@ -99,24 +71,6 @@ def class_weights(train: list[Example], classes: int) -> torch.Tensor:
     if (counts == 0).any():
         raise UserError("train.class_weights=balanced: a class has no training example; add data or drop the class")
     return (counts.sum() / (classes * counts)).float()
-
-
-def encode_splits(
-    data: LabelledData, config: ClassificationConfig, context: int, splits: tuple[str, ...] = SPLITS
-) -> tuple[dict[str, Encoded], int]:
-    """Token ids of `splits` (train among them), cut to data.max_length: by default the longest
-    training text, within the model's context."""
-    ids = {s: tokenize([text for _, text in data.splits[s]]) for s in splits if s in data.splits}
-    max_length = config.data.max_length or min(max(map(len, ids["train"])), context)
-    if max_length > context:
-        raise UserError(f"data.max_length={max_length} exceeds the model's context length {context}")
-    encoded = {
-        s: Encoded(
-            [truncate(row, max_length, config.data.keep) for row in rows], [label for label, _ in data.splits[s]]
-        )
-        for s, rows in ids.items()
-    }
-    return encoded, max_length
 
 
 # -- task ---------------------------------------------------------------------------------------
@@ -167,36 +121,25 @@ class ClassificationTask:
 # -- the recipe ---------------------------------------------------------------------------------
 
 
-class Classification(Recipe[ClassificationConfig, LabelledData]):
-    """`bundled`: the data file used when a config names none (the SMS spam preset)."""
+class Classification(TextHeadRecipe[ClassificationConfig]):
+    """One class per text. `bundled`: the data file used when a config names none (the SMS spam preset)."""
 
+    problem_type = SINGLE_LABEL
     metric_names = ("accuracy", "f1", "macro_f1", "weighted_f1", "precision", "recall", "loss")
     headline_metric = "accuracy"
 
     def __init__(self, name: str, config: type[ClassificationConfig], bundled_data: BundledFile | None = None) -> None:
         self.name, self.Config, self.bundled = name, config, bundled_data
 
-    def prepare(self, config: ClassificationConfig) -> LabelledData:
-        data = self._read(config)
-        positive_index(config, data.labels)  # a wrong data.positive_label fails before any model is built
-        return data
-
-    def _read(self, config: ClassificationConfig) -> LabelledData:
+    def read(self, config: ClassificationConfig) -> LabelledData:
         d = config.data
-        if d.train_path is None:
-            if d.path is None and self.bundled is None:
-                raise UserError(
-                    "no data: set data.path (one file, split by fractions) or data.train_path and "
-                    "data.val_path (separate files)"
-                )
-            title = None if d.path or self.bundled is None else self.bundled.title
-            table = read_table(d.path or bundled(self.bundled), d.format, d.delimiter, title=title)
+        tables = source_tables(d, self.bundled)
+        if ONE_FILE in tables:
+            table = tables[ONE_FILE]
             rows = read_labelled(table, d)
             names = class_names(rows, table, d)
             examples = index_rows(rows, table, names, d.labels is not None)
             return LabelledData(split_examples(examples, names, d, config.train.seed, table.path), names)
-        paths = {"train": d.train_path, "val": d.val_path, "test": d.test_path}
-        tables = {s: read_table(p, d.format, d.delimiter, f"data.{s}_path") for s, p in paths.items() if p}
         rows_of = {s: read_labelled(t, d) for s, t in tables.items()}
         names = class_names(rows_of["train"], tables["train"], d)
         splits = {s: index_rows(rows_of[s], tables[s], names, d.labels is not None) for s in tables}
@@ -204,72 +147,13 @@ class Classification(Recipe[ClassificationConfig, LabelledData]):
             splits["train"] = balanced(splits["train"], len(names), config.train.seed)
         return LabelledData(splits, names)
 
-    def build_model(self, config: ClassificationConfig, data: LabelledData) -> GPTClassifier:
-        model = build_model(config.model.name, config.model.init, config.model.dropout)
-        if not isinstance(model, GPTClassifier):
-            return GPTClassifier(model, num_classes=len(data.labels), pool=config.model.pool)
-        if model.num_classes != len(data.labels):  # a classifier to go on training (exported, or a PEFT adapter)
-            raise UserError(
-                f"model.name: '{config.model.name}' is a classifier of {model.num_classes} classes, "
-                f"but the data has {len(data.labels)} ({', '.join(data.labels)})"
-            )
-        model.pool = config.model.pool
-        return model
+    def outputs_meta(self, config: ClassificationConfig, data: LabelledData) -> dict:
+        positive_index(config, data.labels)  # a wrong data.positive_label fails before any model is built
+        return {}
 
-    def setup(
-        self,
-        config: ClassificationConfig,
-        data: LabelledData,
-        model: GPTClassifier,
-        accelerator: Accelerator,
-        quiet: bool,
-    ) -> Setup:
-        encoded, max_length = encode_splits(data, config, model.gpt.config.context_length, ("train", "val"))
-        encoded["val"] = by_length(encoded["val"])
-        collate: Callable[[list], dict] = Collate.for_pool(config.model.pool, max_length)
-        cached: dict[str, CachedFeatures] = {}
-        if config.train.cache_features:
-            eval_bs = config.train.eval_batch_size or config.train.batch_size
-            cached = cache_splits(model, encoded, collate, eval_bs, accelerator, quiet)
-        datasets: dict[str, Examples] = dict(encoded)
-        if cached:
-            datasets.update(cached)
-            collate = CollateFeatures(cached["train"].start)
+    def task(self, config: ClassificationConfig, data: LabelledData, meta: dict) -> ClassificationTask:
         weights = class_weights(data.splits["train"], len(data.labels)) if config.train.class_weights else None
-        task = ClassificationTask(data.labels, weights, positive_index(config, data.labels))
-        meta = {
-            "labels": data.labels,
-            "max_length": max_length,
-            "keep": config.data.keep,
-            "text_field": config.data.text_field,
-        }
-        return Setup(datasets["train"], datasets["val"], collate, task, meta, reuse={"cached": cached})
-
-    def evaluate(
-        self,
-        config: ClassificationConfig,
-        data: LabelledData,
-        model,
-        meta: dict,
-        splits: tuple[str, ...],
-        accelerator: Accelerator,
-        reuse: dict,
-    ) -> dict:
-        """At the end of training, `reuse["cached"]` holds the features computed for some splits (the
-        layers below them are frozen, so they hold for the kept weights too)."""
-        cached = reuse.get("cached") or {}
-        task = ClassificationTask(meta["labels"], positive=positive_index(config, meta["labels"]))
-        batch_size = config.train.eval_batch_size or config.train.batch_size
-        inputs: dict[str, tuple[Examples, Callable[[list], dict]]] = {}
-        for split in (s for s in splits if s in data.splits):
-            if split in cached:
-                inputs[split] = cached[split], CollateFeatures(cached[split].start)
-            else:
-                inputs[split] = (
-                    by_length(encode(data.splits[split], meta["max_length"], meta.get("keep", "start"))),
-                    Collate.for_pool(meta["pool"], meta["max_length"]),
-                )
-        return evaluate_splits(task, model, inputs, batch_size, accelerator)
+        return ClassificationTask(meta["labels"], weights, positive_index(config, meta["labels"]))
 
     def report(
         self,

@@ -1,6 +1,6 @@
-"""The data side of classification: the `data` config section, and labelled tables read into
-examples, checked row by row (missing labels, empty texts, duplicates), named classes, and stratified or
-given splits. The classification recipe (and its SMS spam preset) train on what `read_labelled_data` returns."""
+"""The data side of the text-head recipes: the `data` keys they share (files, splits, lengths), the files
+read as tables, and classification's labelled rows checked row by row (missing labels, empty texts,
+duplicates), named classes, and stratified or given splits."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from finetune.recipe_api import Example, Float, Format, Section, Table, UserError
+from finetune.datasets import BundledFile, bundled
+from finetune.recipe_api import Example, Float, Format, Section, Table, UserError, read_table
 
 
-class ClassificationData(Section):
+class LabelledFiles(Section):
+    """Where labelled texts come from and how one file is split: the keys every text-head recipe shares."""
+
     path: str | None = Field(None, description="one file, split into train/val/test by the fractions below")
     train_path: str | None = Field(None, description="separate files instead: train_path + val_path (+ test_path)")
     val_path: str | None = None
@@ -29,6 +32,23 @@ class ClassificationData(Section):
     )
     delimiter: str | None = Field(None, description="CSV/TSV field separator; null = ',' for csv, tab for tsv")
     text_field: str = Field("text", description="column holding the text")
+    val_fraction: Float = Field(0.1, gt=0.0, lt=1.0)
+    test_fraction: Float = Field(0.2, gt=0.0, lt=1.0)
+    max_length: int | None = Field(None, ge=1, description="tokens per text; null = longest training text")
+    keep: Literal["start", "end"] = Field("start", description="which end of a longer text is kept")
+
+    @model_validator(mode="after")
+    def _sources(self) -> LabelledFiles:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave some training data (sum < 1)")
+        if self.train_path is not None and self.path is not None:
+            raise ValueError("set data.path (one file to split) or data.train_path/val_path, not both")
+        if (self.train_path is None) != (self.val_path is None) or (self.test_path and not self.train_path):
+            raise ValueError("separate files need data.train_path and data.val_path (data.test_path optional)")
+        return self
+
+
+class ClassificationData(LabelledFiles):
     label_field: str = Field("label", description="column holding the class (a string or an integer)")
     labels: list[str | int] | None = Field(
         None, min_length=2, description="the classes in head order; null = sorted from the training data"
@@ -39,28 +59,45 @@ class ClassificationData(Section):
     balance: bool = Field(
         False, description="undersample every class of the training data to the rarest, as the book does for spam"
     )
-    val_fraction: Float = Field(0.1, gt=0.0, lt=1.0)
-    test_fraction: Float = Field(0.2, gt=0.0, lt=1.0)
-    max_length: int | None = Field(None, ge=1, description="tokens per text; null = longest training text")
-    keep: Literal["start", "end"] = Field("start", description="which end of a longer text is kept")
-
-    @model_validator(mode="after")
-    def _sources(self) -> ClassificationData:
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction + test_fraction must leave some training data (sum < 1)")
-        if self.train_path is not None and self.path is not None:
-            raise ValueError("set data.path (one file to split) or data.train_path/val_path, not both")
-        if (self.train_path is None) != (self.val_path is None) or (self.test_path and not self.train_path):
-            raise ValueError("separate files need data.train_path and data.val_path (data.test_path optional)")
-        return self
 
 
 @dataclass
 class LabelledData:
-    """Every split as (class index, text) pairs, and the class names in head order."""
+    """Every split as (label, text) pairs - a class index, or a value per output - and the outputs' names
+    (classes, labels or targets) in head order."""
 
     splits: dict[str, list[Example]]
     labels: list[str]
+
+
+ONE_FILE = "all"  # source_tables' key for a single file that is split by fractions
+
+
+def source_tables(d: LabelledFiles, bundled_file: BundledFile | None = None) -> dict[str, Table]:
+    """The files to read: {ONE_FILE: table} for one file (`data.path`, else the recipe's bundled file),
+    or {"train", "val"[, "test"]: table} for separate files."""
+    if d.train_path is None:
+        if d.path is not None:
+            return {ONE_FILE: read_table(d.path, d.format, d.delimiter)}
+        if bundled_file is not None:
+            return {ONE_FILE: read_table(bundled(bundled_file), d.format, d.delimiter, title=bundled_file.title)}
+        raise UserError(
+            "no data: set data.path (one file, split by fractions) or data.train_path and "
+            "data.val_path (separate files)"
+        )
+    paths = {"train": d.train_path, "val": d.val_path, "test": d.test_path}
+    return {s: read_table(p, d.format, d.delimiter, f"data.{s}_path") for s, p in paths.items() if p}
+
+
+def random_split(examples: list[Example], d: LabelledFiles, seed: int, where: str) -> dict[str, list[Example]]:
+    """A seeded train/val/test split by the fractions (not stratified: a text may carry several labels or a number)."""
+    from sklearn.model_selection import train_test_split
+
+    if len(examples) < 3:
+        raise UserError(f"{where}: {len(examples)} examples; a train/val/test split needs at least 3")
+    rest, test = train_test_split(examples, test_size=d.test_fraction, random_state=seed)
+    train, val = train_test_split(rest, test_size=d.val_fraction / (1 - d.test_fraction), random_state=seed)
+    return {"train": train, "val": val, "test": test}
 
 
 def label_name(value: object) -> str | None:
@@ -127,7 +164,7 @@ def class_names(rows: list[tuple[str, str, int]], table: Table, config: Classifi
 
 def index_rows(rows: list[tuple[str, str, int]], table: Table, names: list[str], listed: bool) -> list[Example]:
     index = {name: i for i, name in enumerate(names)}
-    examples = []
+    examples: list[Example] = []
     for name, text, i in rows:
         if name not in index:
             fix = (

@@ -211,7 +211,7 @@ def _classifier(model: str, label: str) -> RewardFunction:
 
     def classifier(completions: list[str], **_: list) -> list[float]:
         texts = [c if c.strip() else " " for c in completions]  # an empty reply is still scored
-        return predict(loaded.classifier_model, loaded.meta, texts)[:, index].tolist()
+        return predict(loaded.classifier_model, loaded.meta, texts).values[:, index].tolist()
 
     return classifier
 

@@ -25,6 +25,17 @@ GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 STYLE_KEY = "finetune_prompt_style"  # beside chat_template in tokenizer_config.json: the style by name
 MAX_NEW_TOKENS_KEY = "finetune_max_new_tokens"  # in generation_config.json: the run's reply length
+CLASSIFIER_EXPORT_KEYS = {  # a classifier's interface beside its tokenizer, in both exports (PEFT's config has none)
+    "problem_type": "finetune_problem_type",
+    "labels": "finetune_labels",
+    "thresholds": "finetune_thresholds",
+}
+
+# What a classifier's outputs mean, in transformers' `problem_type` names: one class of several (softmax),
+# any set of labels (a sigmoid and a threshold per label), or numbers (in the target's units once the
+# stored standardisation is undone). Checkpoints from before multi-label and regression are single-label.
+SINGLE_LABEL, MULTI_LABEL, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
+PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
 
 
 @dataclass(frozen=True)
@@ -42,9 +53,11 @@ class Generation:
 @dataclass(frozen=True)
 class Interface:
     task: str  # "lm" or "classification"
-    labels: list[str] | None = None  # a classifier's classes, in head order
+    labels: list[str] | None = None  # a classifier's classes, labels or targets, in head order
     prompt_style: str | None = None  # how instructions are prompted; None: text is continued as it is
     generation: Generation = Generation()
+
+    problem_type: str | None = None  # a classifier's: one of PROBLEM_TYPES
 
     @property
     def instruct(self) -> bool:
@@ -63,7 +76,10 @@ def interface_of(meta: dict) -> Interface:
     """The interface a checkpoint's metadata records."""
     generation = meta.get("generation") or {}
     try:
-        return Interface(meta["task"], meta.get("labels"), meta.get("prompt_style"), Generation(**generation))
+        problem_type = meta.get("problem_type", SINGLE_LABEL) if meta["task"] == "classification" else None
+        return Interface(
+            meta["task"], meta.get("labels"), meta.get("prompt_style"), Generation(**generation), problem_type
+        )
     except (KeyError, TypeError) as e:
         raise UserError(f"checkpoint metadata: bad task or generation entry ({e})") from e
 
@@ -100,6 +116,22 @@ def check_usable(meta: dict, who: str) -> None:
                 f"{who}: meta['labels'] must list the {meta['num_classes']} class names as strings, "
                 f"in head order; got {labels!r}"
             )
+        _check_outputs(meta, who)
+
+
+def _check_outputs(meta: dict, who: str) -> None:
+    """A classifier's problem type, and what reading its outputs needs: thresholds per label (multi-label),
+    the targets' mean and standard deviation (regression)."""
+    problem_type, count = meta.get("problem_type", SINGLE_LABEL), meta["num_classes"]
+    if problem_type not in PROBLEM_TYPES:
+        raise UserError(f"{who}: meta['problem_type'] is {problem_type!r}; expected one of {', '.join(PROBLEM_TYPES)}")
+    needs = {MULTI_LABEL: ("thresholds",), REGRESSION: ("target_mean", "target_std")}.get(problem_type, ())
+    for key in needs:
+        values = meta.get(key)
+        if not (isinstance(values, list) and len(values) == count and all(isinstance(v, (int, float)) for v in values)):
+            raise UserError(f"{who}: a {problem_type} model's meta[{key!r}] must list {count} numbers; got {values!r}")
+    if problem_type == REGRESSION and not all(v > 0 for v in meta["target_std"]):
+        raise UserError(f"{who}: meta['target_std'] must be positive; got {meta['target_std']!r}")
 
 
 def legacy_interface(meta: dict, checkpoint: Path, run_dir: Path | None) -> dict:
@@ -149,10 +181,17 @@ def generation_config(meta: dict) -> dict:
     return config
 
 
+def classifier_export_keys(meta: dict) -> dict:
+    """The entries a classifier's exports add to tokenizer_config.json."""
+    return {key: meta[name] for name, key in CLASSIFIER_EXPORT_KEYS.items() if name in meta}
+
+
 def read_export_interface(directory: Path) -> dict:
-    """The prompt style and generation defaults an export carries (nothing, for other models)."""
+    """The prompt style and generation defaults an export carries, or a classifier's problem type, labels and
+    thresholds (nothing, for other models)."""
     found: dict = {}
     tokenizer = _json_file(Path(directory) / TOKENIZER_CONFIG)
+    found |= {name: tokenizer[key] for name, key in CLASSIFIER_EXPORT_KEYS.items() if key in tokenizer}
     if isinstance(tokenizer.get(STYLE_KEY), str):
         found["prompt_style"] = check_style(tokenizer[STYLE_KEY], f"{directory / TOKENIZER_CONFIG}: {STYLE_KEY}")
     config = _json_file(Path(directory) / GENERATION_CONFIG)

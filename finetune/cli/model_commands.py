@@ -204,10 +204,9 @@ def run_classify(args: argparse.Namespace) -> None:
     if any(not text.strip() for text in args.text):
         raise UserError("--text is empty; give a text to classify")
     loaded = load_classifier(args.checkpoint)
-    probs = predict(loaded.classifier_model, loaded.meta, args.text)
-    labels = loaded.interface.labels or []
-    for text, p in zip(args.text, probs, strict=True):
-        print(f"{labels[int(p.argmax())]}\t{float(p.max()):.4f}\t{text}")
+    predictions = predict(loaded.classifier_model, loaded.meta, args.text)
+    for text, answer in zip(args.text, predictions.lines(), strict=True):
+        print(f"{answer}\t{text}")
 
 
 def run_predict(args: argparse.Namespace) -> None:

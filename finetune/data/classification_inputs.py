@@ -15,7 +15,8 @@ import torch
 
 from finetune.model.tokenizer import EOT_ID, get_tokenizer
 
-Example = tuple[int, str]  # (class index, text)
+Label = int | list[float]  # a class index, or a value per output (several labels as 0/1, or numbers)
+Example = tuple[Label, str]
 
 
 @dataclass
@@ -23,12 +24,12 @@ class Encoded:
     """Token ids per text, truncated to a fixed maximum."""
 
     ids: list[list[int]]
-    labels: list[int]
+    labels: list[Label]
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[list[int], int]:
+    def __getitem__(self, i: int) -> tuple[list[int], Label]:
         return self.ids[i], self.labels[i]
 
 
@@ -72,7 +73,7 @@ class Collate:
         """The book's last-position pooling needs every text padded to the same length."""
         return cls(max_length if pool == "last_position" else None)
 
-    def __call__(self, batch: list[tuple[list[int], int]]) -> dict[str, Any]:
+    def __call__(self, batch: list[tuple[list[int], Label]]) -> dict[str, Any]:
         width = self.pad_to or max(len(ids) for ids, _ in batch)
         return {
             "input_ids": torch.tensor([ids + [EOT_ID] * (width - len(ids)) for ids, _ in batch]),

@@ -21,7 +21,14 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.checkpoints.atomic import write_directory
-from finetune.checkpoints.interface import GENERATION_CONFIG, STYLE_KEY, generation_config
+from finetune.checkpoints.interface import (
+    GENERATION_CONFIG,
+    REGRESSION,
+    SINGLE_LABEL,
+    STYLE_KEY,
+    classifier_export_keys,
+    generation_config,
+)
 from finetune.checkpoints.model_files import FORMAT, model_state, read_config
 from finetune.checkpoints.run_directory import resolve, run_of
 from finetune.data.prompts import chat_template
@@ -87,7 +94,7 @@ def _transformers_files(model: Model, meta: dict, run_dir: Path | None, out: Pat
     model = merged_model(model)
     if isinstance(model, GPTClassifier):
         _check_pool(model)
-        weight, ln_f_bias = folded_head(model)
+        weight, ln_f_bias = folded_head(model, meta)
         state = {name: t for name, t in to_hf(_trunk_state(model.gpt)).items() if name != "lm_head.weight"}
         state |= {"transformer.ln_f.bias": ln_f_bias, f"{HEAD}.weight": weight}
         config = hf_config(model.gpt.config, SEQUENCE_CLASSIFIER, **_label_config(meta))
@@ -115,22 +122,40 @@ def _transformers_files(model: Model, meta: dict, run_dir: Path | None, out: Pat
 
 
 def _tokenizer(model: Model, meta: dict) -> Files:
-    """A classifier's tokenizer pads (transformers needs a pad token to batch) and truncates as it was trained."""
+    """A classifier's tokenizer pads (transformers needs a pad token to batch) and truncates as it was trained;
+    its config carries the classifier's problem type, labels and thresholds, which PEFT's files have no place
+    for (finetune reads them back from there)."""
     if isinstance(model, GPTClassifier):
         return tokenizer_files(
-            meta["max_length"], pad=True, truncation_side="left" if meta.get("keep") == "end" else "right"
+            meta["max_length"],
+            pad=True,
+            truncation_side="left" if meta.get("keep") == "end" else "right",
+            extra=classifier_export_keys(_exported_meta(meta)),
         )
     style = meta.get("prompt_style")
     extra = {"chat_template": chat_template(style), STYLE_KEY: style} if style else {}
     return tokenizer_files(model.config.context_length, pad=False, extra=extra)
 
 
-def folded_head(model: GPTClassifier) -> tuple[torch.Tensor, torch.Tensor]:
+def _exported_meta(meta: dict) -> dict:
+    """A classifier's meta as its exports answer: a regression head gives the target's units (its
+    standardisation is folded into the head, so transformers' logits are the predictions)."""
+    meta = {"problem_type": SINGLE_LABEL, **meta}
+    if meta["problem_type"] == REGRESSION:
+        meta |= {"target_mean": [0.0] * meta["num_classes"], "target_std": [1.0] * meta["num_classes"]}
+    return meta
+
+
+def folded_head(model: GPTClassifier, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' `score` has no bias. Ours, `W·ln_f(x) + b`, equals `W·ln_f'(x)` where `ln_f'` shifts
     ln_f's bias by the least-norm δ with `W·δ = b`: exact whenever the head's rows are independent
-    (always, for fewer classes than hidden units, barring a degenerate head). Returns W and ln_f's new bias."""
+    (always, for fewer classes than hidden units, barring a degenerate head). A regression head is first
+    scaled to the targets' units (`std·(W·h + b) + mean`). Returns W and ln_f's new bias."""
     weight = _effective_weight(model.head).detach().double().cpu()
     bias = model.head.bias.detach().double().cpu()
+    if meta.get("problem_type") == REGRESSION:
+        mean, std = (torch.tensor(meta[key], dtype=torch.float64) for key in ("target_mean", "target_std"))
+        weight, bias = weight * std[:, None], bias * std + mean
     delta = torch.linalg.lstsq(weight, bias[:, None], driver="gelsd").solution[:, 0]
     if (weight @ delta - bias).abs().max() > 1e-6 * max(1.0, bias.abs().max().item()):
         raise UserError(
@@ -166,7 +191,7 @@ def _label_config(meta: dict) -> dict:
         "id2label": {str(i): name for i, name in enumerate(labels)},
         "label2id": {name: i for i, name in enumerate(labels)},
         "pad_token_id": 50256,
-        "problem_type": "single_label_classification",
+        "problem_type": meta.get("problem_type", SINGLE_LABEL),
     }
 
 
@@ -216,7 +241,7 @@ def _peft_files(model: Model, meta: dict, run_dir: Path | None, out: Path) -> Fi
     to_save = [hf_module(m) for m in modules]
     if isinstance(model, GPTClassifier):
         _check_pool(model)
-        weight, ln_f_bias = folded_head(model)
+        weight, ln_f_bias = folded_head(model, meta)
         saved |= {
             "head.weight": weight,
             "ln_f.weight": trunk.ln_f.weight.detach().float().cpu(),
@@ -231,7 +256,11 @@ def _peft_files(model: Model, meta: dict, run_dir: Path | None, out: Path) -> Fi
     usage = _PEFT_LM_USAGE
     if classifier:
         labels = {i: name for i, name in enumerate(meta["labels"])}
-        usage = _PEFT_CLASSIFIER_USAGE.replace("NUM_LABELS", str(len(labels))).replace("ID2LABEL", repr(labels))
+        usage = (
+            _PEFT_CLASSIFIER_USAGE.replace("NUM_LABELS", str(len(labels)))
+            .replace("ID2LABEL", repr(labels))
+            .replace("PROBLEM_TYPE", repr(meta.get("problem_type", SINGLE_LABEL)))
+        )
     card = model_card(
         meta,
         run_dir,
@@ -344,6 +373,6 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 base = AutoModelForSequenceClassification.from_pretrained(
-    "BASE", num_labels=NUM_LABELS, id2label=ID2LABEL, pad_token_id=50256)
+    "BASE", num_labels=NUM_LABELS, id2label=ID2LABEL, problem_type=PROBLEM_TYPE, pad_token_id=50256)
 model = PeftModel.from_pretrained(base, "PATH")
 """

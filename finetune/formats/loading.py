@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoints.atomic import verify, write_directory
-from finetune.checkpoints.interface import legacy_interface, read_export_interface
+from finetune.checkpoints.interface import (
+    MULTI_LABEL,
+    REGRESSION,
+    SINGLE_LABEL,
+    legacy_interface,
+    read_export_interface,
+)
 from finetune.checkpoints.model_files import (
     ADAPTER_CONFIG,
     ADAPTER_FILE,
@@ -117,7 +123,8 @@ def load_with_meta(
     labels = _hf_labels(raw, path / CONFIG_FILE)
     tensors = _classifier_tensors(from_hf(_read_tensors(weights)), len(labels))
     model = assemble(lambda: GPTClassifier(GPT(config), len(labels)), tensors, weights)
-    return _with_meta(model, labels)
+    found = {"labels": labels, "problem_type": raw.get("problem_type") or SINGLE_LABEL}
+    return _with_meta(model, found | read_export_interface(path))
 
 
 def stored_meta(name_or_path: str | Path) -> dict:
@@ -140,12 +147,23 @@ def stored_meta(name_or_path: str | Path) -> dict:
     return {"task": "lm", **read_export_interface(path)}
 
 
-def _with_meta(model: Model, labels: list[str] | None = None) -> tuple[Model, dict]:
-    """What a finetune checkpoint would record about a model that came from elsewhere."""
+def _with_meta(model: Model, found: dict | None = None) -> tuple[Model, dict]:
+    """What a finetune checkpoint would record about a model that came from elsewhere. `found`: what its
+    files say about a classifier (labels, problem type, thresholds); an exported regression head already
+    answers in the target's units."""
     meta = model.checkpoint_meta()
     if isinstance(model, GPTClassifier):
-        labels = labels or [f"LABEL_{i}" for i in range(model.num_classes)]
-        meta |= {"labels": labels, "max_length": model.gpt.config.context_length, "keep": "start"}
+        found, count = found or {}, model.num_classes
+        meta |= {
+            "labels": found.get("labels") or [f"LABEL_{i}" for i in range(count)],
+            "problem_type": found.get("problem_type", SINGLE_LABEL),
+            "max_length": model.gpt.config.context_length,
+            "keep": "start",
+        }
+        if meta["problem_type"] == MULTI_LABEL:
+            meta["thresholds"] = found.get("thresholds") or [0.5] * count
+        elif meta["problem_type"] == REGRESSION:
+            meta |= {"target_mean": [0.0] * count, "target_std": [1.0] * count}
     return model, meta
 
 
@@ -222,7 +240,7 @@ def _load_peft(directory: Path, dropout: float) -> tuple[Model, dict]:
     )
     for name, p in model.named_parameters():  # as PEFT trains it: the adapters and the modules saved whole
         p.requires_grad = "lora_" in name or name.removeprefix(prefix) in adapter.saved
-    return _with_meta(model, meta.get("labels"))
+    return _with_meta(model, {**meta, **read_export_interface(directory)})
 
 
 @torch.no_grad()

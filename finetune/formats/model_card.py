@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from finetune.checkpoints.interface import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+
 SCORES = ("accuracy", "f1", "macro_f1", "loss", "perplexity", "rouge_l", "exact_match")
 
 
@@ -46,7 +48,7 @@ def model_card(
         "",
     ]
     if classifier:
-        lines += [f"Labels: {', '.join(f'`{label}`' for label in meta['labels'])}.", ""]
+        lines += [_outputs(meta), ""]
     lines += ["## Use it", "", "```python", usage.strip(), "```", ""]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     lines += ["## Results", ""] + (
@@ -62,6 +64,21 @@ def model_card(
             "",
         ]
     return "\n".join(lines)
+
+
+def _outputs(meta: dict) -> str:
+    """What the classifier answers."""
+    names = ", ".join(f"`{name}`" for name in meta["labels"])
+    problem_type = meta.get("problem_type", SINGLE_LABEL)
+    if problem_type == REGRESSION:
+        return f"Regression: predicts {names} (the logits are the predictions, in the targets' units)."
+    if problem_type == MULTI_LABEL:
+        cuts = ", ".join(f"`{n}` {t:g}" for n, t in zip(meta["labels"], meta["thresholds"], strict=True))
+        return (
+            f"Multi-label: any of {names}; a label applies when its sigmoid reaches its threshold ({cuts}). "
+            "transformers' pipeline shows the probabilities (`top_k=None`) and applies no threshold."
+        )
+    return f"Labels: {names}."
 
 
 def _read(run_dir: Path | None, name: str, parse):

@@ -1,13 +1,17 @@
-"""Predictions of a trained classifier: `finetune classify` (a few texts), `finetune predict` (a file)
-and the server's /v1/classify."""
+"""Predictions of a trained classifier, in the shape of its problem type: `finetune classify` (a few texts),
+`finetune predict` (a file) and the server's /v1/classify all read a model's outputs here, so every way of
+using a model answers alike: one class (softmax), a set of labels (sigmoid, a threshold per label), or
+numbers in the target's units (the stored standardisation undone)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from finetune.checkpoints.interface import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 from finetune.data.classification_inputs import Collate, encode
 from finetune.data.tables import read_table
 from finetune.errors import UserError
@@ -16,21 +20,92 @@ from finetune.model.classifier import GPTClassifier
 from finetune.progress import progress
 
 
+@dataclass
+class Predictions:
+    """A classifier's answers for some texts. `values[i, k]` is the probability of class or label `names[k]`
+    (single- and multi-label), or the predicted value of target `names[k]` (regression)."""
+
+    problem_type: str
+    names: list[str]
+    values: torch.Tensor  # (texts, outputs), float64
+    thresholds: list[float] | None = None  # multi-label: a label is predicted when its probability reaches it
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, meta: dict) -> Predictions:
+        problem_type, logits = meta.get("problem_type", SINGLE_LABEL), logits.double()
+        if problem_type == MULTI_LABEL:
+            return cls(problem_type, meta["labels"], logits.sigmoid(), [float(t) for t in meta["thresholds"]])
+        if problem_type == REGRESSION:
+            mean, std = (torch.tensor(meta[key], dtype=torch.float64) for key in ("target_mean", "target_std"))
+            return cls(problem_type, meta["labels"], logits * std + mean)
+        return cls(problem_type, meta["labels"], logits.softmax(-1))
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def chosen(self) -> torch.Tensor:
+        """Multi-label: `(texts, labels)` booleans, the labels each text has."""
+        assert self.thresholds is not None, "multi-label predictions"
+        return self.values >= torch.tensor(self.thresholds, dtype=torch.float64)
+
+    def label_sets(self) -> list[list[str]]:
+        return [[n for n, on in zip(self.names, row, strict=True) if on] for row in self.chosen().tolist()]
+
+    def answers(self) -> list[dict]:
+        """Per text, what /v1/classify returns."""
+        rows = self.values.tolist()
+        if self.problem_type == REGRESSION:
+            return [{"values": dict(zip(self.names, row, strict=True))} for row in rows]
+        probabilities = [dict(zip(self.names, row, strict=True)) for row in rows]
+        if self.problem_type == MULTI_LABEL:
+            return [{"labels": s, "probabilities": p} for s, p in zip(self.label_sets(), probabilities, strict=True)]
+        best = self.values.argmax(-1).tolist()
+        return [{"label": self.names[b], "probabilities": p} for b, p in zip(best, probabilities, strict=True)]
+
+    def lines(self) -> list[str]:
+        """Per text, what `finetune classify` prints before it: the class and its probability; the labels
+        (or `-` for none) and theirs; or `target=value` for each target."""
+        if self.problem_type == REGRESSION:
+            return [" ".join(f"{n}={v:.6g}" for n, v in zip(self.names, row, strict=True)) for row in self.values]
+        if self.problem_type == MULTI_LABEL:
+            return [
+                f"{','.join(s) or '-'}\t{','.join(f'{p:.4f}' for p, on in zip(row, ch, strict=True) if on) or '-'}"
+                for s, row, ch in zip(self.label_sets(), self.values.tolist(), self.chosen().tolist(), strict=True)
+            ]
+        best = self.values.max(-1)
+        return [f"{self.names[i]}\t{p:.4f}" for p, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)]
+
+    def columns(self) -> dict[str, list]:
+        """The columns `finetune predict` writes after the text."""
+        if self.problem_type == REGRESSION:
+            return {f"predicted_{n}": self.values[:, k].tolist() for k, n in enumerate(self.names)}
+        columns: dict[str, list]
+        if self.problem_type == MULTI_LABEL:
+            columns = {"predicted": [",".join(s) for s in self.label_sets()]}
+        else:
+            best = self.values.max(-1)
+            columns = {
+                "predicted": [self.names[i] for i in best.indices.tolist()],
+                "probability": best.values.tolist(),
+            }
+        return columns | {f"p_{n}": self.values[:, k].tolist() for k, n in enumerate(self.names)}
+
+
 @torch.no_grad()
 def predict(
     model: GPTClassifier, meta: dict, texts: list[str], batch_size: int = 32, quiet: bool = True
-) -> torch.Tensor:
-    """Class probabilities `(len(texts), classes)` in input order, batched shortest-first."""
+) -> Predictions:
+    """The model's answers for `texts`, in input order (batched shortest-first)."""
     encoded = encode([(0, text) for text in texts], meta["max_length"], meta.get("keep", "start"))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.ids[i]))
     collate = Collate.for_pool(meta["pool"], meta["max_length"])
-    probs = torch.empty(len(texts), meta["num_classes"])
+    logits = torch.empty(len(texts), meta["num_classes"])
     model.eval()
     for start in progress(range(0, len(order), batch_size), "predicting", quiet):
         rows = order[start : start + batch_size]
         batch = collate([encoded[i] for i in rows])
-        probs[rows] = model(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
-    return probs
+        logits[rows] = model(batch["input_ids"], batch["attention_mask"]).float()
+    return Predictions.from_logits(logits, meta)
 
 
 def predict_file(
@@ -42,8 +117,8 @@ def predict_file(
     delimiter: str | None = None,
     batch_size: int = 32,
 ) -> int:
-    """Write `out` (CSV): per input row its text, the predicted class, its probability and every
-    class's probability (`p_<class>`). Returns the number of rows."""
+    """Write `out` (CSV): per input row its text and the model's answer (`Predictions.columns`). Returns the
+    number of rows."""
     if out.exists():
         raise UserError(f"{out} exists; choose a new file for the predictions")
     loaded = load_classifier(str(source))
@@ -53,17 +128,8 @@ def predict_file(
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{table.where(i)}: empty text; every row needs a text to classify")
-    probs = predict(model, meta, texts, batch_size, quiet=False)
-    best = probs.argmax(-1)
-    frame = pd.DataFrame(
-        {
-            "text": texts,
-            "predicted": [meta["labels"][i] for i in best.tolist()],
-            "probability": probs.max(-1).values.numpy(),
-        }
-    )
-    for i, name in enumerate(meta["labels"]):
-        frame[f"p_{name}"] = probs[:, i].numpy()
+    predictions = predict(model, meta, texts, batch_size, quiet=False)
+    frame = pd.DataFrame({"text": texts, **predictions.columns()})
     tmp = out.with_name(f".tmp-{out.name}")
     frame.to_csv(tmp, index=False)
     tmp.replace(out)

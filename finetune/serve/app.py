@@ -137,7 +137,9 @@ def create_app(
             "prompt_style": served.interface.prompt_style,
         }  # null: messages are continued as text
         if served.classifier:
-            card["labels"] = served.meta["labels"]
+            card |= {"labels": served.meta["labels"], "problem_type": served.interface.problem_type}
+            if "thresholds" in served.meta:
+                card["thresholds"] = dict(zip(served.meta["labels"], served.meta["thresholds"], strict=True))
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", dependencies=guarded)
@@ -218,12 +220,8 @@ def create_app(
             with classify_lock:  # one batch at a time: predict() batches the texts of a request itself
                 return predict(served.classifier_model, served.meta, texts)
 
-        probs = await run_in_threadpool(run)
-        labels = served.interface.labels or []
-        data = [
-            {"index": i, "label": labels[int(p.argmax())], "probabilities": dict(zip(labels, p.tolist(), strict=True))}
-            for i, p in enumerate(probs)
-        ]
+        predictions = await run_in_threadpool(run)
+        data = [{"index": i, **answer} for i, answer in enumerate(predictions.answers())]
         return {"object": "list", "model": served.name, "data": data}
 
     def sampling_defaults(body) -> None:

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from finetune.data.classification_inputs import Label
 from finetune.model.classifier import GPTClassifier
 from finetune.progress import progress
 from finetune.training.trainer import Examples
@@ -43,16 +44,17 @@ def cacheable_blocks(model: GPTClassifier) -> int:
 
 @dataclass
 class CachedFeatures(Dataset):
-    """Per example: the residual stream entering block `start` at positions 0..pooled `(n, C)`, and its label."""
+    """Per example: the residual stream entering block `start` at positions 0..pooled `(n, C)`, and its label
+    (a class index, or a value per output)."""
 
     hidden: list[torch.Tensor]
-    labels: list[int]
+    labels: list[Label]
     start: int
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Label]:
         return self.hidden[i], self.labels[i]
 
     def nbytes(self) -> int:
@@ -65,7 +67,7 @@ class CollateFeatures:
     def __init__(self, start: int) -> None:
         self.start = start
 
-    def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> dict:
+    def __call__(self, batch: list[tuple[torch.Tensor, Label]]) -> dict:
         lengths = [len(hidden) for hidden, _ in batch]
         hidden = torch.nn.utils.rnn.pad_sequence([h for h, _ in batch], batch_first=True)
         return {
@@ -93,7 +95,7 @@ def cache_features(
     model.to(accelerator.device).eval()
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))  # little padding per batch
     hidden: list[torch.Tensor] = [torch.empty(0)] * len(dataset)  # each row filled below
-    labels = [int(dataset[i][1]) for i in range(len(dataset))]
+    labels = [dataset[i][1] for i in range(len(dataset))]
     show = not quiet and accelerator.is_main_process
     for first in progress(range(0, len(order), batch_size), desc, quiet=not show):
         rows = order[first : first + batch_size]

@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from finetune.checkpoints.atomic import write_text_atomic
-from finetune.checkpoints.interface import check_usable
+from finetune.checkpoints.interface import check_usable, interface_of
 from finetune.checkpoints.model_files import read_meta
 from finetune.checkpoints.run_directory import (
     STATE_FILE,
@@ -264,8 +264,16 @@ def evaluate_run(recipe: Recipe, out: Path, splits: tuple[str, ...], other: str 
     else:
         meta = read_meta(kept_checkpoint(out))
         model, own = load_with_meta(other)
-        if (own["task"], own.get("num_classes")) != (meta["task"], meta.get("num_classes")):
-            kind = f"{own.get('num_classes')}-class classifier" if own["task"] == "classification" else "language model"
+        if (own["task"], own.get("num_classes"), interface_of(own).problem_type) != (
+            meta["task"],
+            meta.get("num_classes"),
+            interface_of(meta).problem_type,
+        ):
+            kind = (
+                f"{own.get('num_classes')}-output {interface_of(own).problem_type} classifier"
+                if own["task"] == "classification"
+                else "language model"
+            )
             raise UserError(f"--model {other}: a {kind}, which the {recipe.name} run {out} cannot evaluate")
-        meta |= {key: own[key] for key in ("model", "pool") if key in own}
+        meta |= {key: own[key] for key in ("model", "pool", "thresholds", "target_mean", "target_std") if key in own}
     return recipe.evaluate(config, recipe.prepare(config), accelerator.prepare(model), meta, splits, accelerator, {})

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 import torch
-from finetune.recipes.classification import ClassificationTask, encode_splits
+from finetune.recipes.classification import ClassificationTask
+from finetune.recipes.text_head import encode_splits
 from finetune.recipes.spam import RECIPE, SpamConfig
 from safetensors.torch import load_file
 

@@ -427,7 +427,7 @@ def test_classification_endpoint(classifier, lm):
     texts = ["my invoice is wrong", "where is my parcel", "x"]
     code, reply = post(running.url, "/v1/classify", {"input": texts})
     assert code == 200
-    expected = predict(model, meta, texts)
+    expected = predict(model, meta, texts).values.float()
     for row, p in zip(reply["data"], expected):
         assert list(row["probabilities"]) == meta["labels"]
         assert torch.tensor(list(row["probabilities"].values())) == pytest.approx(p, abs=1e-6)
@@ -613,7 +613,7 @@ def test_page_shows_class_probabilities_in_a_real_browser(browser, classifier):
     rows = WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#bars .row"))
     from finetune.inference.predict import predict
 
-    expected = dict(zip(meta["labels"], predict(model, meta, ["where is my parcel"])[0].tolist()))
+    expected = dict(zip(meta["labels"], predict(model, meta, ["where is my parcel"]).values[0].tolist()))
     shown = {row.get_attribute("data-label"): float(row.get_attribute("data-probability")) for row in rows}
     assert shown == pytest.approx(expected, abs=1e-6)
     widths = [row.find_element(By.CSS_SELECTOR, ".bar").value_of_css_property("width") for row in rows]
