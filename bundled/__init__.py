@@ -54,7 +54,18 @@ ARITHMETIC = BundledFile(
     "make_arithmetic.py beside it (which rewrites it byte for byte)",
     "the bundled arithmetic questions",
 )
-NAMED = {"instructions": INSTRUCTIONS, "preferences": PREFERENCES, "arithmetic": ARITHMETIC}
+SMS_TAGS = BundledFile(
+    "sms-tags/sms-tags.jsonl",
+    "5e8053e0a1739a1a387de45f31cf3a2fc399f9f7896154227572792e28aaae49",
+    "make_sms_tags.py beside it (which rewrites it byte for byte from the SMS Spam Collection)",
+    "the bundled SMS tags",
+)
+NAMED = {
+    "instructions": INSTRUCTIONS,
+    "preferences": PREFERENCES,
+    "arithmetic": ARITHMETIC,
+    "sms-tags": SMS_TAGS,
+}
 PREFIX = "bundled:"
 
 

@@ -60,6 +60,15 @@ def files(tmp_path_factory):
         "train_ab.csv": "body,team\n" + "".join(f"t{i}{team},{team}\n" for i in range(3) for team in "ab"),
         "val_c.csv": "body,team\nfine,a\nnew team,c\n",
         "broken.parquet": "PAR1 this is not a parquet file",
+        # multi-label and regression
+        "tags_nolabels.jsonl": "".join(f'{{"text": "t{i}", "labels": []}}\n' for i in range(12)),
+        "tags_comma.csv": "text,labels\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(12)),
+        "tags_notjson.csv": "text,labels\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(12)),
+        "tags_flag.csv": "text,a,b\n" + "".join(f"t{i},1,0\n" for i in range(5)) + "t5,yes please,0\n",
+        "scores_text.csv": "text,score\n" + "".join(f"t{i},{i}\n" for i in range(5)) + "t5,high\n",
+        "scores_inf.csv": "text,score\n" + "".join(f"t{i},{i}\n" for i in range(5)) + "t5,inf\n",
+        "scores_missing.csv": "text,score\n" + "".join(f"t{i},{i}\n" for i in range(5)) + "t5,\n",
+        "scores_constant.csv": "text,score\n" + "".join(f"t{i},3\n" for i in range(12)),
     })
     for name, text in contents.items():
         (root / name).write_text(text)
@@ -144,6 +153,16 @@ def grpo(out, *extra):
     """A GRPO run from a random gpt2-tiny on the bundled arithmetic prompts, with `extra` on top."""
     return ["run", "grpo", "--quiet", "--config", "grpo_tiny", f"output_dir={out}", "overwrite=true",
             "model.name=gpt2-tiny", "model.init=random", "data.prompt_style=phi3", *extra]
+
+
+def multilabel(out, data, *extra):
+    return ["run", "multilabel", "--quiet", "--config", "multilabel_tiny", f"output_dir={out}", "overwrite=true",
+            f"data.path={data}", *extra]
+
+
+def regression(out, data, *extra):
+    return ["run", "regression", "--quiet", "--config", "regression_tiny", f"output_dir={out}", "overwrite=true",
+            f"data.path={data}", "data.text_field=text", "data.target_fields=[score]", *extra]
 
 
 def text(out, data, *extra):
@@ -303,6 +322,17 @@ CASES = [
      "has no label 'x'"),
     ("grpo-no-room", lambda o, d, f: grpo(o, "grpo.max_new_tokens=250"), "leaving no room for grpo.max_new_tokens=250"),
     ("grpo-classifier-start", lambda o, d, f: grpo(o, f"model.name={o}", "model.init=pretrained"), "is a classifier"),
+    # multi-label and regression: refused before any model is built
+    ("multilabel-no-labels", lambda o, d, f: multilabel(o, f / "tags_nolabels.jsonl"), "no text of the train split has any label"),
+    ("multilabel-separator-splits-nothing", lambda o, d, f: multilabel(o, f / "tags_comma.csv", "data.label_separator=','"),
+     "data.label_separator ',' splits no row"),
+    ("multilabel-not-a-list", lambda o, d, f: multilabel(o, f / "tags_notjson.csv"), "tags_notjson.csv: row 1: column 'labels'"),
+    ("multilabel-flag", lambda o, d, f: multilabel(o, f / "tags_flag.csv", "data.label_fields=[a,b]"),
+     "tags_flag.csv: row 6: column 'a' holds 'yes please'"),
+    ("regression-text", lambda o, d, f: regression(o, f / "scores_text.csv"), "scores_text.csv: row 6: column 'score' holds 'high'"),
+    ("regression-infinite", lambda o, d, f: regression(o, f / "scores_inf.csv"), "row 6: column 'score' holds 'inf'; targets must be finite"),
+    ("regression-missing", lambda o, d, f: regression(o, f / "scores_missing.csv"), "row 6: missing target in column 'score'"),
+    ("regression-constant", lambda o, d, f: regression(o, f / "scores_constant.csv"), "target 'score' has the same value"),
     ("score-missing-field", lambda o, d, f: ["score", str(f / "responses.jsonl")], "responses.jsonl:1: missing string field 'response'"),
     ("score-judge-half", lambda o, d, f: ["score", str(f / "responses.jsonl"), "--judge-url", "http://127.0.0.1:1/api/chat"], "go together"),
 ]
