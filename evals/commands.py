@@ -15,6 +15,9 @@ def add_commands(commands) -> None:
     score.add_argument("--judge-model", help="model name at that endpoint, e.g. llama3")
     score.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request")
     score.add_argument("--retries", type=int, default=2, help="retries after a timeout or server error")
+    score.add_argument(
+        "--reward-model", help="a reward model run or export: the mean reward of the responses and of the references"
+    )
     score.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     score.set_defaults(func=run_score)
 
@@ -36,6 +39,12 @@ def run_score(args: argparse.Namespace) -> None:
     reference = reference_metrics([r["response"] for r in rows], [r["output"] for r in rows])
     summary = {k: v for k, v in reference.items() if k != "per_example"}
     per_example = [dict(r) for r in reference["per_example"]]
+    if args.reward_model:
+        rewards = reward_scores(args.reward_model, rows)
+        summary |= {key: values.mean().item() for key, values in rewards.items()}
+        summary["reward_win_rate"] = (rewards["reward"] > rewards["reward_reference"]).double().mean().item()
+        for i, example in enumerate(per_example):
+            example.update(reward=rewards["reward"][i].item(), reward_reference=rewards["reward_reference"][i].item())
     if args.judge_url:
         client = JudgeClient(args.judge_url, args.judge_model, timeout=args.timeout, retries=args.retries)
         items = [
@@ -57,7 +66,13 @@ def run_score(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"n={summary['n']}  ROUGE-L={summary['rouge_l']:.4f}  exact match={summary['exact_match']:.2%}")
+        line = f"n={summary['n']}  ROUGE-L={summary['rouge_l']:.4f}  exact match={summary['exact_match']:.2%}"
+        if args.reward_model:
+            line += (
+                f"  reward={summary['reward']:.4f} (references {summary['reward_reference']:.4f}, "
+                f"responses ahead {summary['reward_win_rate']:.2%})"
+            )
+        print(line)
         if args.judge_url:
             mean = "n/a" if summary["judge_mean"] is None else f"{summary['judge_mean']:.1f}"
             print(
@@ -65,3 +80,22 @@ def run_score(args: argparse.Namespace) -> None:
                 f"{summary['judge_failed']} failed"
             )
         print(f"details in {path.with_suffix('.scores.json')}")
+
+
+def reward_scores(model: str, rows: list[dict]) -> dict:
+    """A reward model's scores of each response and of its reference, prompted in the model's style."""
+    from finetune.checkpoints.interface import REWARD
+    from finetune.inference.loading import load_classifier
+    from finetune.inference.predict import exchanges, predict
+
+    loaded = load_classifier(model)
+    if loaded.interface.problem_type != REWARD:
+        raise UserError(f"--reward-model {model}: a {loaded.interface.problem_type} model, not a reward model")
+    asked = [r["instruction"] for r in rows], [r.get("input", "") for r in rows]
+    scored = {"reward": "response", "reward_reference": "output"}
+    return {
+        key: predict(
+            loaded.classifier_model, loaded.meta, exchanges(loaded.meta, *asked, [r[field] for r in rows])
+        ).values[:, 0]
+        for key, field in scored.items()
+    }

@@ -7,7 +7,15 @@ move; `tests/test_structure.py` holds the bundled recipes to it. docs/contributi
 from __future__ import annotations
 
 from finetune.checkpoints.atomic import write_file_atomic, write_text_atomic
-from finetune.checkpoints.interface import MULTI_LABEL, REGRESSION, SINGLE_LABEL, TASKS, Generation, interface_meta
+from finetune.checkpoints.interface import (
+    MULTI_LABEL,
+    REGRESSION,
+    REWARD,
+    SINGLE_LABEL,
+    TASKS,
+    Generation,
+    interface_meta,
+)
 from finetune.config import (
     FinetuneSection,
     Float,
@@ -40,7 +48,7 @@ from finetune.evals.regression import regression_metrics
 from finetune.formats.loading import build_model, stored_meta
 from finetune.inference.generate import Decoded, decode, generate
 from finetune.inference.loading import load_classifier
-from finetune.inference.predict import predict
+from finetune.inference.predict import exchanges, predict
 from finetune.inference.respond import prompt_tokens, respond, write_responses
 from finetune.model.classifier import GPTClassifier
 from finetune.model.gpt import GPT, GPTConfig
@@ -81,6 +89,7 @@ __all__ = [
     "SINGLE_LABEL",
     "MULTI_LABEL",
     "REGRESSION",
+    "REWARD",
     "Generation",
     "interface_meta",
     "check_style",
@@ -130,6 +139,7 @@ __all__ = [
     "Decoded",
     "load_classifier",
     "predict",
+    "exchanges",
     "respond",
     "prompt_tokens",
     "write_responses",

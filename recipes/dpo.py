@@ -16,7 +16,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -120,8 +120,26 @@ class Pair:
     where: str  # file and record, for errors
 
 
-def read_pairs(data: PreferenceData) -> list[Pair]:
-    """Preference records, checked: both responses present and non-empty; identical ones counted."""
+class PairSource(Protocol):
+    """Where preference records are and what their columns are called (DPO's and the reward model's data)."""
+
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def format(self) -> str | None: ...
+    @property
+    def instruction_field(self) -> str: ...
+    @property
+    def input_field(self) -> str: ...
+    @property
+    def chosen_field(self) -> str: ...
+    @property
+    def rejected_field(self) -> str: ...
+
+
+def read_pairs(data: PairSource, output_field: str | None = None) -> list[Pair]:
+    """Preference records, checked: both responses present and non-empty; identical ones counted. Each
+    record's reference output is `output_field`'s column, else the chosen response."""
     path = data_file(data.path, PREFERENCES)
     hint = "set data.{}_field if your file names it differently".format
     columns = {
@@ -129,7 +147,7 @@ def read_pairs(data: PreferenceData) -> list[Pair]:
         "input": (data.input_field, hint("input"), False),
         "chosen": (data.chosen_field, hint("chosen"), True),
         "rejected": (data.rejected_field, hint("rejected"), True),
-        "output": (data.output_field, hint("output"), False),
+        "output": (output_field or data.chosen_field, hint("output"), False),
     }
     pairs, same = [], []
     for row in read_fields(path, data.format, columns, "data.path (a JSON list, JSONL, CSV or Parquet file)"):
@@ -363,7 +381,8 @@ class DPO(Recipe[DPOConfig, dict]):
     headline_metric = "rewards/accuracies"
 
     def prepare(self, config: DPOConfig) -> dict[str, list[Pair]]:
-        return split_records(read_pairs(config.data), config.data.train_fraction, config.data.test_fraction)
+        pairs = read_pairs(config.data, config.data.output_field)
+        return split_records(pairs, config.data.train_fraction, config.data.test_fraction)
 
     def build_model(self, config: DPOConfig, data: dict) -> GPT:
         model = language_model(config)

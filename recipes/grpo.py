@@ -161,7 +161,7 @@ class GRPO(Recipe[GRPOConfig, Prompts]):
     def prepare(self, config: GRPOConfig) -> Prompts:
         style, generation = start_interface(config)
         prompts, columns = read_prompts(config.data)
-        rewards = Rewards(config.grpo.rewards, columns)
+        rewards = Rewards(config.grpo.rewards, columns, style)
         splits = split_records(prompts, config.data.train_fraction, config.data.test_fraction)
         return Prompts(splits, rewards, style, generation)
 

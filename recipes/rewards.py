@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from finetune.recipe_api import Float, Section, UserError, load_classifier, predict
+from finetune.recipe_api import REWARD, Float, Section, UserError, load_classifier, predict
 
 RewardFunction = Callable[..., Sequence[Any]]
 NEEDS = {
@@ -35,15 +35,17 @@ NEEDS = {
     "length": ("target",),
     "function": ("function",),
     "classifier": ("model", "label"),
+    "reward_model": ("model",),
 }
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 class RewardSpec(Section):
-    kind: Literal["exact", "number", "regex", "length", "function", "classifier"] = Field(
+    kind: Literal["exact", "number", "regex", "length", "function", "classifier", "reward_model"] = Field(
         description="exact (match a column), number (the reply's last number equals a column's), regex "
         "(the reply matches a pattern: a format reward), length (near a token count), function (your "
-        "own), classifier (a trained finetune classifier's probability of a label)"
+        "own), classifier (a trained finetune classifier's probability of a label), reward_model (a "
+        "finetune reward model's score of the prompt and the reply)"
     )
     weight: Float = Field(1.0, description="its share of the total reward (0 = logged only)")
     name: str | None = Field(None, description="how the logs name it; null = from its kind (and column)")
@@ -51,7 +53,9 @@ class RewardSpec(Section):
     pattern: str | None = Field(None, description="regex: searched in the reply; anchor it with ^ and $")
     target: int | None = Field(None, ge=1, description="length: the wanted reply length in tokens")
     function: str | None = Field(None, description="function: module:function or path/to/file.py:function")
-    model: str | None = Field(None, description="classifier: a classification run, checkpoint or export")
+    model: str | None = Field(
+        None, description="classifier, reward_model: a classification or reward run, checkpoint or export"
+    )
     label: str | None = Field(None, description="classifier: the label whose probability is the reward")
 
     @model_validator(mode="after")
@@ -86,14 +90,15 @@ class Reward:
 class Rewards:
     """The weighted rewards of a run, checked against its prompts' columns before any model is built."""
 
-    def __init__(self, specs: list[RewardSpec], columns: list[str]) -> None:
+    def __init__(self, specs: list[RewardSpec], columns: list[str], style: str) -> None:
+        """`style`: the prompts' (a reward model must read prompts in it)."""
         if not specs:
             raise UserError("grpo.rewards is empty; list at least one reward (see docs/recipes/grpo.md)")
         if sum(spec.weight for spec in specs) == 0:
             raise UserError("grpo.rewards: the weights sum to 0, so every completion would earn the same")
         names = [spec.default_name() for spec in specs]
         self.rewards = [
-            Reward(_unique(name, names[:i]), spec.weight, _function(spec, columns))
+            Reward(_unique(name, names[:i]), spec.weight, _function(spec, columns, style))
             for i, (spec, name) in enumerate(zip(specs, names, strict=True))
         ]
         self.names = [reward.name for reward in self.rewards]
@@ -141,7 +146,7 @@ def _unique(name: str, before: list[str]) -> str:
     return name if name not in before else f"{name}_{before.count(name) + 1}"
 
 
-def _function(spec: RewardSpec, columns: list[str]) -> RewardFunction:
+def _function(spec: RewardSpec, columns: list[str], style: str) -> RewardFunction:
     if spec.kind in ("exact", "number") and spec.column not in columns:
         raise UserError(
             f"grpo.rewards: the '{spec.kind}' reward reads column '{spec.column}', which the prompts do not have "
@@ -157,6 +162,8 @@ def _function(spec: RewardSpec, columns: list[str]) -> RewardFunction:
         return _length(int(spec.target or 1))
     if spec.kind == "function":
         return import_function(str(spec.function))
+    if spec.kind == "reward_model":
+        return _reward_model(str(spec.model), style)
     return _classifier(str(spec.model), str(spec.label))
 
 
@@ -204,6 +211,8 @@ def _length(target: int) -> RewardFunction:
 
 def _classifier(model: str, label: str) -> RewardFunction:
     loaded = load_classifier(model)
+    if loaded.interface.problem_type == REWARD:
+        raise UserError(f"grpo.rewards: {model} is a reward model, which scores the prompt too; use kind: reward_model")
     labels = loaded.meta["labels"]
     if label not in labels:
         raise UserError(f"grpo.rewards: classifier {model} has no label '{label}' (its labels: {', '.join(labels)})")
@@ -214,6 +223,26 @@ def _classifier(model: str, label: str) -> RewardFunction:
         return predict(loaded.classifier_model, loaded.meta, texts).values[:, index].tolist()
 
     return classifier
+
+
+def _reward_model(model: str, style: str) -> RewardFunction:
+    loaded = load_classifier(model)
+    if loaded.interface.problem_type != REWARD:
+        raise UserError(
+            f"grpo.rewards: {model} is a {loaded.interface.problem_type} model, not a reward model (kind: classifier "
+            "rewards a label's probability)"
+        )
+    if loaded.interface.prompt_style != style:
+        raise UserError(
+            f"grpo.rewards: the reward model {model} reads prompts in the '{loaded.interface.prompt_style}' style "
+            f"and this run asks in '{style}'; set data.prompt_style to its style (or train it on this one)"
+        )
+
+    def reward_model(prompts: list[str], completions: list[str], **_: list) -> list[float]:
+        texts = [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
+        return predict(loaded.classifier_model, loaded.meta, texts).values[:, 0].tolist()
+
+    return reward_model
 
 
 def import_function(spec: str) -> RewardFunction:

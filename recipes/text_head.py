@@ -95,16 +95,7 @@ class TextHeadRecipe(Recipe[C, LabelledData], Generic[C]):
         return data
 
     def build_model(self, config: C, data: LabelledData) -> GPTClassifier:
-        model = build_model(config.model.name, config.model.init, config.model.dropout)
-        if not isinstance(model, GPTClassifier):
-            return GPTClassifier(model, num_classes=len(data.labels), pool=config.model.pool)
-        if model.num_classes != len(data.labels):  # a classifier to go on training (exported, or a PEFT adapter)
-            raise UserError(
-                f"model.name: '{config.model.name}' is a classifier of {model.num_classes} outputs, "
-                f"but the data has {len(data.labels)} ({', '.join(data.labels)})"
-            )
-        model.pool = config.model.pool
-        return model
+        return build_head_model(config.model, data.labels)
 
     def setup(
         self, config: C, data: LabelledData, model: GPTClassifier, accelerator: Accelerator, quiet: bool
@@ -155,6 +146,21 @@ class TextHeadRecipe(Recipe[C, LabelledData], Generic[C]):
                     Collate.for_pool(meta["pool"], meta["max_length"]),
                 )
         return evaluate_splits(self.task(config, data, meta), model, inputs, batch_size, accelerator)
+
+
+def build_head_model(section: ClassifierModel, outputs: list[str]) -> GPTClassifier:
+    """`model.name` with a head of one output per name (a new one on a language model; a classifier's own,
+    to go on training, when the counts agree)."""
+    model = build_model(section.name, section.init, section.dropout)
+    if not isinstance(model, GPTClassifier):
+        return GPTClassifier(model, num_classes=len(outputs), pool=section.pool)
+    if model.num_classes != len(outputs):  # a classifier to go on training (exported, or a PEFT adapter)
+        raise UserError(
+            f"model.name: '{section.name}' is a classifier of {model.num_classes} outputs, "
+            f"but the data has {len(outputs)} ({', '.join(outputs)})"
+        )
+    model.pool = section.pool
+    return model
 
 
 def encode_splits(

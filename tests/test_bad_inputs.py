@@ -45,6 +45,7 @@ def files(tmp_path_factory):
         "instruct.yaml": "recipe: instruct\n",
         "unknownkey.yaml": "recipe: spam\nmodel:\n  name: gpt2-tiny\n  layers: 3\n",
         "responses.jsonl": '{"instruction": "a", "output": "b"}\n',
+        "scored.jsonl": '{"instruction": "a", "output": "b", "response": "c"}\n',
         "config.json": "{}",
     }
     tickets = "body,team\n" + "".join(f'"ticket {i}{team},\nline two",{team}\n' for i in range(4) for team in "abc")
@@ -69,6 +70,7 @@ def files(tmp_path_factory):
         "scores_inf.csv": "text,score\n" + "".join(f"t{i},{i}\n" for i in range(5)) + "t5,inf\n",
         "scores_missing.csv": "text,score\n" + "".join(f"t{i},{i}\n" for i in range(5)) + "t5,\n",
         "scores_constant.csv": "text,score\n" + "".join(f"t{i},3\n" for i in range(12)),
+        "pairs_one_side.jsonl": '{"instruction": "a", "chosen": "b", "rejected": "c"}\n{"instruction": "d", "chosen": "e"}\n',
     })
     for name, text in contents.items():
         (root / name).write_text(text)
@@ -163,6 +165,10 @@ def multilabel(out, data, *extra):
 def regression(out, data, *extra):
     return ["run", "regression", "--quiet", "--config", "regression_tiny", f"output_dir={out}", "overwrite=true",
             f"data.path={data}", "data.text_field=text", "data.target_fields=[score]", *extra]
+
+
+def reward(out, *extra):
+    return ["run", "reward", "--quiet", "--config", "reward_tiny", f"output_dir={out}", "overwrite=true", *extra]
 
 
 def text(out, data, *extra):
@@ -333,6 +339,11 @@ CASES = [
     ("regression-infinite", lambda o, d, f: regression(o, f / "scores_inf.csv"), "row 6: column 'score' holds 'inf'; targets must be finite"),
     ("regression-missing", lambda o, d, f: regression(o, f / "scores_missing.csv"), "row 6: missing target in column 'score'"),
     ("regression-constant", lambda o, d, f: regression(o, f / "scores_constant.csv"), "target 'score' has the same value"),
+    ("reward-missing-side", lambda o, d, f: reward(o, f"data.path={f / 'pairs_one_side.jsonl'}"),
+     "pairs_one_side.jsonl:2: missing"),
+    ("reward-classifier-start", lambda o, d, f: reward(o, f"model.name={o}", "model.init=pretrained"), "is a classifier"),
+    ("score-reward-model-not-one", lambda o, d, f: ["score", str(f / "scored.jsonl"), "--reward-model", str(o)],
+     "not a reward model"),
     ("score-missing-field", lambda o, d, f: ["score", str(f / "responses.jsonl")], "responses.jsonl:1: missing string field 'response'"),
     ("score-judge-half", lambda o, d, f: ["score", str(f / "responses.jsonl"), "--judge-url", "http://127.0.0.1:1/api/chat"], "go together"),
 ]

@@ -29,13 +29,17 @@ CLASSIFIER_EXPORT_KEYS = {  # a classifier's interface beside its tokenizer, in 
     "problem_type": "finetune_problem_type",
     "labels": "finetune_labels",
     "thresholds": "finetune_thresholds",
+    "prompt_style": STYLE_KEY,  # a reward model's
 }
 
 # What a classifier's outputs mean, in transformers' `problem_type` names: one class of several (softmax),
 # any set of labels (a sigmoid and a threshold per label), or numbers (in the target's units once the
-# stored standardisation is undone). Checkpoints from before multi-label and regression are single-label.
+# stored standardisation is undone); and a reward model's one number for a prompt and its response, both
+# in the model's prompt style (exported as transformers' `regression`, which is how TRL's reward models
+# load). Checkpoints from before multi-label and regression are single-label.
 SINGLE_LABEL, MULTI_LABEL, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
-PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
+REWARD = "reward"
+PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL, REGRESSION, REWARD)
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,10 @@ def _check_outputs(meta: dict, who: str) -> None:
             raise UserError(f"{who}: a {problem_type} model's meta[{key!r}] must list {count} numbers; got {values!r}")
     if problem_type == REGRESSION and not all(v > 0 for v in meta["target_std"]):
         raise UserError(f"{who}: meta['target_std'] must be positive; got {meta['target_std']!r}")
+    if problem_type == REWARD and (count != 1 or meta.get("prompt_style") is None):
+        raise UserError(
+            f"{who}: a reward model has one output and a prompt_style; got {count} and {meta.get('prompt_style')!r}"
+        )
 
 
 def legacy_interface(meta: dict, checkpoint: Path, run_dir: Path | None) -> dict:

@@ -51,9 +51,14 @@ def add_commands(commands) -> None:
     res.add_argument("--bf16", action="store_true", help=BF16_HELP)
     res.set_defaults(func=run_respond)
 
-    cls = commands.add_parser("classify", help="label texts with a trained classifier")
+    cls = commands.add_parser(
+        "classify", help="label texts with a trained classifier (or score replies with a reward model)"
+    )
     cls.add_argument("checkpoint", help="run directory, checkpoint or export of a classifier")
-    cls.add_argument("--text", action="append", required=True, help="a text to classify (repeatable)")
+    cls.add_argument(
+        "--text", action="append", required=True, help="a text to classify; a reward model's instruction (repeatable)"
+    )
+    cls.add_argument("--response", action="append", help="a reward model: the response to the --text of the same place")
     cls.set_defaults(func=run_classify)
 
     pred = commands.add_parser(
@@ -62,7 +67,11 @@ def add_commands(commands) -> None:
     pred.add_argument("checkpoint", help="run directory, checkpoint or export of a classifier")
     pred.add_argument("--data", required=True, help="CSV, TSV, JSON, JSONL, Parquet or raw label<TAB>text file")
     pred.add_argument("--out", required=True, help="CSV file to write (must not exist)")
-    pred.add_argument("--text-field", help="column holding the text (default: the run's data.text_field, or 'text')")
+    pred.add_argument(
+        "--text-field",
+        help="column holding the text (default: the run's data.text_field, or 'text'); a reward model reads "
+        "'instruction' (or this), 'input' and 'response', as in responses.jsonl",
+    )
     pred.add_argument(
         "--format", choices=["csv", "tsv", "json", "jsonl", "parquet", "raw"], help="default: from the extension"
     )
@@ -198,15 +207,27 @@ def run_respond(args: argparse.Namespace) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> None:
+    from finetune.checkpoints.interface import REWARD
     from finetune.inference.loading import load_classifier
-    from finetune.inference.predict import predict
+    from finetune.inference.predict import exchanges, predict
 
     if any(not text.strip() for text in args.text):
         raise UserError("--text is empty; give a text to classify")
     loaded = load_classifier(args.checkpoint)
-    predictions = predict(loaded.classifier_model, loaded.meta, args.text)
-    for text, answer in zip(args.text, predictions.lines(), strict=True):
-        print(f"{answer}\t{text}")
+    texts = args.text
+    if loaded.interface.problem_type == REWARD:
+        if len(args.response or []) != len(texts):
+            raise UserError(
+                f"{args.checkpoint} is a reward model: give one --response per --text (got {len(args.response or [])} "
+                f"for {len(texts)})"
+            )
+        texts = exchanges(loaded.meta, args.text, [""] * len(texts), args.response)
+    elif args.response:
+        raise UserError(f"{args.checkpoint} is not a reward model; --response scores replies with one")
+    predictions = predict(loaded.classifier_model, loaded.meta, texts)
+    replies = [f"\t{r}" for r in args.response] if args.response else [""] * len(texts)
+    for text, answer, reply in zip(args.text, predictions.lines(), replies, strict=True):
+        print(f"{answer}\t{text}{reply}")
 
 
 def run_predict(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ the same way in training and in use.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +74,7 @@ class Collate:
         """The book's last-position pooling needs every text padded to the same length."""
         return cls(max_length if pool == "last_position" else None)
 
-    def __call__(self, batch: list[tuple[list[int], Label]]) -> dict[str, Any]:
+    def __call__(self, batch: Sequence[tuple[list[int], Label]]) -> dict[str, Any]:
         width = self.pad_to or max(len(ids) for ids, _ in batch)
         return {
             "input_ids": torch.tensor([ids + [EOT_ID] * (width - len(ids)) for ids, _ in batch]),

@@ -77,6 +77,11 @@ def format_prompt(style: str, instruction: str, input: str = "") -> str:
     return t.head + instruction + t.before_response
 
 
+def format_exchange(style: str, instruction: str, input: str, response: str) -> str:
+    """A prompt and its response as one text: what a reward model reads (in training and in use alike)."""
+    return format_prompt(style, instruction, input) + response
+
+
 def chat_template(style: str) -> str:
     """The style as a Jinja chat template (transformers' `apply_chat_template`, vLLM, TGI, llama.cpp):
     the last user message, with `add_generation_prompt`, renders as `format_prompt` does."""

@@ -24,6 +24,7 @@ from finetune.checkpoints.atomic import write_directory
 from finetune.checkpoints.interface import (
     GENERATION_CONFIG,
     REGRESSION,
+    REWARD,
     SINGLE_LABEL,
     STYLE_KEY,
     classifier_export_keys,
@@ -191,8 +192,15 @@ def _label_config(meta: dict) -> dict:
         "id2label": {str(i): name for i, name in enumerate(labels)},
         "label2id": {name: i for i, name in enumerate(labels)},
         "pad_token_id": 50256,
-        "problem_type": meta.get("problem_type", SINGLE_LABEL),
+        "problem_type": _hf_problem_type(meta),
     }
+
+
+def _hf_problem_type(meta: dict) -> str:
+    """transformers' name: a reward model is a one-output `regression` model there (as TRL's load), and its
+    tokenizer config says `reward` for finetune."""
+    problem_type = meta.get("problem_type", SINGLE_LABEL)
+    return REGRESSION if problem_type == REWARD else problem_type
 
 
 # -- gguf ----------------------------------------------------------------------------------------
@@ -259,7 +267,7 @@ def _peft_files(model: Model, meta: dict, run_dir: Path | None, out: Path) -> Fi
         usage = (
             _PEFT_CLASSIFIER_USAGE.replace("NUM_LABELS", str(len(labels)))
             .replace("ID2LABEL", repr(labels))
-            .replace("PROBLEM_TYPE", repr(meta.get("problem_type", SINGLE_LABEL)))
+            .replace("PROBLEM_TYPE", repr(_hf_problem_type(meta)))
         )
     card = model_card(
         meta,

@@ -17,6 +17,7 @@ from finetune.checkpoints.atomic import verify, write_directory
 from finetune.checkpoints.interface import (
     MULTI_LABEL,
     REGRESSION,
+    REWARD,
     SINGLE_LABEL,
     legacy_interface,
     read_export_interface,
@@ -162,6 +163,8 @@ def _with_meta(model: Model, found: dict | None = None) -> tuple[Model, dict]:
         }
         if meta["problem_type"] == MULTI_LABEL:
             meta["thresholds"] = found.get("thresholds") or [0.5] * count
+        elif meta["problem_type"] == REWARD:
+            meta["prompt_style"] = found.get("prompt_style")
         elif meta["problem_type"] == REGRESSION:
             meta |= {"target_mean": [0.0] * count, "target_std": [1.0] * count}
     return model, meta

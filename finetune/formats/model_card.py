@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.checkpoints.interface import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+from finetune.checkpoints.interface import MULTI_LABEL, REGRESSION, REWARD, SINGLE_LABEL
 
 SCORES = ("accuracy", "f1", "macro_f1", "loss", "perplexity", "rouge_l", "exact_match")
 
@@ -70,6 +70,11 @@ def _outputs(meta: dict) -> str:
     """What the classifier answers."""
     names = ", ".join(f"`{name}`" for name in meta["labels"])
     problem_type = meta.get("problem_type", SINGLE_LABEL)
+    if problem_type == REWARD:
+        return (
+            f"Reward model: one score for a prompt in the `{meta['prompt_style']}` style followed by its response "
+            "(the logit; higher is preferred)."
+        )
     if problem_type == REGRESSION:
         return f"Regression: predicts {names} (the logits are the predictions, in the targets' units)."
     if problem_type == MULTI_LABEL:

@@ -29,11 +29,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from finetune.checkpoints.interface import REWARD
 from finetune.data.records import Record
 from finetune.errors import UserError
 from finetune.inference.engine import Engine
 from finetune.inference.loading import Loaded, load_for_use
-from finetune.inference.predict import predict
+from finetune.inference.predict import exchanges, predict
 from finetune.inference.respond import prompt_tokens
 from finetune.model.classifier import GPTClassifier
 from finetune.model.gpt import GPT
@@ -43,6 +44,7 @@ from finetune.serve.protocol import (
     ChatRequest,
     ClassifyRequest,
     CompletionRequest,
+    Exchange,
 )
 from finetune.serve.replies import ChatChoice, Completion, Run, stream_reply
 
@@ -209,9 +211,22 @@ def create_app(
             raise APIError(
                 400, f"model: {served.name} is a language model; use /v1/completions or /v1/chat/completions", "model"
             )
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if len(texts) > MAX_TEXTS:
-            raise APIError(400, f"input: {len(texts)} texts, at most {MAX_TEXTS} per request", "input")
+        items = [body.input] if isinstance(body.input, str) else body.input
+        if len(items) > MAX_TEXTS:
+            raise APIError(400, f"input: {len(items)} texts, at most {MAX_TEXTS} per request", "input")
+        exchanged = [item for item in items if isinstance(item, Exchange)]
+        if exchanged and served.interface.problem_type != REWARD:
+            raise APIError(
+                400, "input: objects with instruction and response are for reward models; send texts", "input"
+            )
+        if exchanged and len(exchanged) != len(items):
+            raise APIError(400, "input: all texts or all {instruction, response} objects, not both", "input")
+        texts = [item for item in items if isinstance(item, str)] or exchanges(
+            served.meta,
+            [e.instruction for e in exchanged],
+            [e.input for e in exchanged],
+            [e.response for e in exchanged],
+        )
         for i, text in enumerate(texts):
             if not text.strip():
                 raise APIError(400, f"input[{i}]: empty text", "input")

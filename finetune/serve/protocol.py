@@ -113,6 +113,14 @@ class ChatRequest(_Sampling):
     logprobs: Literal[False] = False
 
 
+class Exchange(_Body):
+    """An instruction and a response, for a reward model to score (prompted in the model's style)."""
+
+    instruction: str
+    input: str = ""
+    response: str
+
+
 class ClassifyRequest(_Body):
     model: str | None = None
-    input: str | list[str] = Field(min_length=1)
+    input: str | list[str] | list[Exchange] = Field(min_length=1)

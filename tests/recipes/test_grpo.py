@@ -109,7 +109,7 @@ def rollout_then_update(settings: GRPOSection, lora: bool = False):
             for name, p in start.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.05)  # the adapter as a LoRA instruct run leaves it: not zero
-    rewards = Rewards([RewardSpec(kind="function", function="tests.recipes.test_grpo:digits_reward")], ["instruction"])
+    rewards = Rewards([RewardSpec(kind="function", function="tests.recipes.test_grpo:digits_reward")], ["instruction"], "alpaca")
     task = GRPOTask(settings, rewards, None if lora or not settings.beta else copy.deepcopy(start), seed=0)
     asked = ask(prompts(), "alpaca", start, settings)
     torch.manual_seed(1)
@@ -162,7 +162,7 @@ def test_with_lora_the_reference_is_the_policy_with_its_adapters_off():
 def test_old_logprobs_recorded_while_sampling_equal_a_forward_pass():
     settings = GRPOSection(group_size=G, max_new_tokens=MAX_NEW, num_iterations=2, temperature=0.7)
     model = eager_model()
-    rewards = Rewards([RewardSpec(kind="function", function="tests.recipes.test_grpo:digits_reward")], ["instruction"])
+    rewards = Rewards([RewardSpec(kind="function", function="tests.recipes.test_grpo:digits_reward")], ["instruction"], "alpaca")
     asked = ask(prompts(), "alpaca", model, settings)
     batch = GRPOTask(settings, rewards, None, 0).rollout(model, [{"asked": asked}])[0]
     for i, row in enumerate(batch["targets"]):
