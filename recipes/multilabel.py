@@ -30,6 +30,7 @@ from finetune.recipe_api import (
     Float,
     Table,
     UserError,
+    eval_loader,
     multilabel_metrics,
     plot_curves,
 )
@@ -41,7 +42,7 @@ from finetune.recipes.labelled_data import (
     random_split,
     source_tables,
 )
-from finetune.recipes.text_head import TFIDF_TOKENS, HeadConfig, HeadTrain, TextHeadRecipe
+from finetune.recipes.text_head import TFIDF_TOKENS, HeadConfig, HeadTrain, TextHeadRecipe, split_inputs
 
 # -- config -------------------------------------------------------------------------------------
 
@@ -74,6 +75,11 @@ class MultiLabelTrain(HeadTrain):
         "training split (BCEWithLogitsLoss's pos_weight), for rare labels",
     )
     threshold: Float = Field(0.5, gt=0.0, lt=1.0, description="a label applies when its probability reaches this")
+    tune_thresholds: bool = Field(
+        False,
+        description="after training, set each label's threshold to the one that maximises its F1 on the validation "
+        "split (stored with the model; validation metrics are then optimistic, test metrics are not)",
+    )
 
 
 class MultiLabelConfig(HeadConfig):
@@ -211,17 +217,40 @@ class MultiLabelTask:
         return len(batch["host_labels"]) * len(self.labels)
 
     @torch.no_grad()
-    def evaluate(self, model, loader, accelerator: Accelerator) -> dict:
+    def outputs(self, model, loader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and 0/1 labels `(texts, labels)` of every text, from every process."""
         model.eval()
         all_logits, all_labels = [], []
         for batch in loader:
             logits, labels = accelerator.gather_for_metrics((self.logits(model, batch).float(), batch["labels"]))
             all_logits.append(logits.cpu())
             all_labels.append(labels.cpu())
-        logits, labels = torch.cat(all_logits), torch.cat(all_labels).float()
+        return torch.cat(all_logits), torch.cat(all_labels).float()
+
+    def evaluate(self, model, loader, accelerator: Accelerator) -> dict:
+        logits, labels = self.outputs(model, loader, accelerator)
         loss = F.binary_cross_entropy_with_logits(logits, labels).item()
         predicted = (logits.double().sigmoid() >= self.thresholds.double()).numpy()
         return multilabel_metrics(labels.numpy(), predicted, self.labels, loss)
+
+
+def tuned_thresholds(probabilities: torch.Tensor, labels: torch.Tensor, default: list[float]) -> list[float]:
+    """Per label, the probability cut-off with the highest F1 on these texts (the lowest of equals, placed
+    halfway between two texts' probabilities; the default for a label no text has)."""
+    from sklearn.metrics import precision_recall_curve
+
+    thresholds = []
+    for k, fallback in enumerate(default):
+        y, p = labels[:, k].numpy(), probabilities[:, k].numpy()
+        if y.sum() == 0:
+            thresholds.append(float(fallback))
+            continue
+        precision, recall, cuts = precision_recall_curve(y, p)
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-300)
+        cut = cuts[int(np.argmax(f1))]
+        below = p[p < cut]  # halfway to the next lower probability: the same decisions, robust to rounding
+        thresholds.append(float((cut + below.max()) / 2 if below.size else cut / 2))
+    return thresholds
 
 
 def positive_weights(train: list[Example]) -> torch.Tensor:
@@ -261,6 +290,16 @@ class MultiLabel(TextHeadRecipe[MultiLabelConfig]):
     def task(self, config: MultiLabelConfig, data: LabelledData, meta: dict) -> MultiLabelTask:
         weights = positive_weights(data.splits["train"]) if config.train.pos_weight else None
         return MultiLabelTask(meta["labels"], meta["thresholds"], weights)
+
+    def calibrate(self, config: MultiLabelConfig, data: LabelledData, model, meta: dict, accelerator, reuse) -> dict:
+        if not config.train.tune_thresholds:
+            return {}
+        examples, collate = split_inputs(data, meta, ("val",), reuse)["val"]
+        loader = accelerator.prepare(
+            eval_loader(examples, config.train.eval_batch_size or config.train.batch_size, collate)
+        )
+        logits, labels = self.task(config, data, meta).outputs(model, loader, accelerator)
+        return {"thresholds": tuned_thresholds(logits.double().sigmoid(), labels, meta["thresholds"])}
 
     def report(
         self, out: Path, config: MultiLabelConfig, data: LabelledData, metrics: dict, history, model, quiet: bool

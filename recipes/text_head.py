@@ -132,20 +132,28 @@ class TextHeadRecipe(Recipe[C, LabelledData], Generic[C]):
         accelerator: Accelerator,
         reuse: dict,
     ) -> dict:
-        """At the end of training, `reuse["cached"]` holds the features computed for some splits (the
-        layers below them are frozen, so they hold for the kept weights too)."""
-        cached = reuse.get("cached") or {}
         batch_size = config.train.eval_batch_size or config.train.batch_size
-        inputs: dict[str, tuple[Examples, Callable[[list], dict]]] = {}
-        for split in (s for s in splits if s in data.splits):
-            if split in cached:
-                inputs[split] = cached[split], CollateFeatures(cached[split].start)
-            else:
-                inputs[split] = (
-                    by_length(encode(data.splits[split], meta["max_length"], meta.get("keep", "start"))),
-                    Collate.for_pool(meta["pool"], meta["max_length"]),
-                )
+        inputs = split_inputs(data, meta, splits, reuse)
         return evaluate_splits(self.task(config, data, meta), model, inputs, batch_size, accelerator)
+
+
+def split_inputs(
+    data: LabelledData, meta: dict, splits: tuple[str, ...], reuse: dict
+) -> dict[str, tuple[Examples, Callable[[list], dict]]]:
+    """Each split's examples and collate for evaluation. At the end of training, `reuse["cached"]` holds the
+    features computed for some splits (the layers below them are frozen, so they hold for the kept weights
+    too)."""
+    cached = reuse.get("cached") or {}
+    inputs: dict[str, tuple[Examples, Callable[[list], dict]]] = {}
+    for split in (s for s in splits if s in data.splits):
+        if split in cached:
+            inputs[split] = cached[split], CollateFeatures(cached[split].start)
+        else:
+            inputs[split] = (
+                by_length(encode(data.splits[split], meta["max_length"], meta.get("keep", "start"))),
+                Collate.for_pool(meta["pool"], meta["max_length"]),
+            )
+    return inputs
 
 
 def build_head_model(section: ClassifierModel, outputs: list[str]) -> GPTClassifier:

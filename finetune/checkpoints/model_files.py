@@ -6,6 +6,7 @@ are read back into a model without unpickling anything. Loading a whole model is
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from finetune.checkpoints.atomic import MANIFEST, verify, write_directory
 from finetune.data.files import read_json_object
 from finetune.errors import UserError
 from finetune.model.classifier import Model
@@ -66,6 +68,23 @@ def read_meta(directory: Path) -> dict:
     if meta.get("format") != FORMAT:
         raise UserError(f'{directory}: not a finetune checkpoint (config.json has no "format": "{FORMAT}")')
     return meta
+
+
+def update_meta(directory: Path, updates: dict) -> None:
+    """Rewrite a checkpoint's config.json (or adapter_config.json) with `updates`, keeping its other files
+    as they are; atomically, as every checkpoint is written."""
+    directory = Path(directory)
+    verify(directory)
+    name = ADAPTER_CONFIG if (directory / ADAPTER_CONFIG).exists() else CONFIG_FILE
+    config = {**read_config(directory, name), **updates}
+    kept = [p for p in directory.iterdir() if p.is_file() and p.name not in (MANIFEST, name)]
+    files: dict[str, Callable[[Path], object]] = {p.name: _copier(p) for p in kept}
+    files[name] = lambda path: path.write_text(json.dumps(config, indent=2))
+    write_directory(directory, files)
+
+
+def _copier(source: Path) -> Callable[[Path], object]:
+    return lambda path: shutil.copyfile(source, path)
 
 
 def unreadable(path: Path, error: Exception) -> UserError:

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 
 from finetune.checkpoints.atomic import write_text_atomic
 from finetune.checkpoints.interface import check_usable, interface_of
-from finetune.checkpoints.model_files import read_meta
+from finetune.checkpoints.model_files import read_meta, update_meta
 from finetune.checkpoints.run_directory import (
     STATE_FILE,
     check_output_dir,
@@ -99,6 +99,11 @@ class Recipe(ABC, Generic[C, D]):
         reuse: dict[str, Any],
     ) -> dict:
         """Metrics of `model` (prepared, holding the kept weights) on `splits`."""
+
+    def calibrate(self, config: C, data: D, model: Any, meta: dict, accelerator: Accelerator, reuse: dict) -> dict:
+        """After training, on the kept weights: entries to add to the kept checkpoint's meta before it is
+        evaluated (a multi-label model's thresholds tuned on validation). By default none."""
+        return {}
 
     @abstractmethod
     def report(
@@ -196,7 +201,14 @@ def train(
     out = Path(config.output_dir)
     with recorded_state(out, accelerator.is_main_process):
         fit = trainer.fit()  # ends with the kept weights in trainer.model
-        metrics = recipe.evaluate(config, data, trainer.model, read_meta(fit.kept), SPLITS, accelerator, setup.reuse)
+        meta = read_meta(fit.kept)
+        calibrated = recipe.calibrate(config, data, trainer.model, meta, accelerator, setup.reuse)
+        if calibrated:
+            meta |= calibrated
+            if accelerator.is_main_process:
+                update_meta(fit.kept, calibrated)
+            accelerator.wait_for_everyone()
+        metrics = recipe.evaluate(config, data, trainer.model, meta, SPLITS, accelerator, setup.reuse)
         metrics["environment"] = environment(accelerator)
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(trainer.model)

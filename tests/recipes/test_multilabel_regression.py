@@ -301,3 +301,24 @@ def test_the_bundled_sms_tags_are_what_their_script_writes():
     script = runpy.run_path(str(Path(__file__).parents[2] / "bundled" / "sms-tags" / "make_sms_tags.py"))
     written = "".join(json.dumps(row) + "\n" for row in script["records"]())
     assert bundled(SMS_TAGS).read_text(encoding="utf-8") == written  # bundled() checks the SHA-256 too
+
+
+def test_thresholds_tuned_on_validation_maximise_each_labels_f1_and_travel_with_the_model(tmp_path):
+    out = tmp_path / "tuned"
+    assert main(["run", "multilabel", "--quiet", *RUNS["multilabel"], f"output_dir={out}", "train.tune_thresholds=true"]) == 0
+    loaded = load_classifier(str(out))
+    thresholds = loaded.meta["thresholds"]
+    assert thresholds == json.loads((out / "best" / "config.json").read_text())["thresholds"]
+    assert thresholds != [0.5] * len(thresholds)
+    texts, truth = split_of(out, "multilabel", "val")
+    probabilities = predict(loaded.classifier_model, loaded.meta, texts).values.numpy()
+    for k, cut in enumerate(thresholds):  # no cut-off does better on validation, label by label
+        best = max(f1_score(truth[:, k], probabilities[:, k] >= c, zero_division=0) for c in np.unique(probabilities[:, k]))
+        assert f1_score(truth[:, k], probabilities[:, k] >= cut, zero_division=0) == pytest.approx(best, abs=1e-6)
+    test_texts, test_truth = split_of(out, "multilabel")
+    chosen = predict(loaded.classifier_model, loaded.meta, test_texts).chosen().numpy()
+    ours = json.loads((out / "metrics.json").read_text())["test"]
+    assert ours["macro_f1"] == pytest.approx(f1_score(test_truth, chosen, average="macro", zero_division=0), abs=1e-12)
+    from finetune.checkpoints.atomic import verify
+
+    verify(out / "best")  # rewritten atomically, with its manifest
