@@ -206,34 +206,44 @@ def test_transformers_export_gives_our_logits_and_the_pipeline_our_answers(runs,
         assert again.label_sets() == ours.label_sets()
 
 
-def test_lora_multilabel_run_exports_to_peft_with_its_interface(runs, tmp_path):
+@pytest.mark.parametrize("name", RUNS)
+def test_a_lora_run_exports_to_peft_with_its_interface(name, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "lora"
-    args = ["run", "multilabel", "--quiet", "--config", "multilabel_tiny", f"output_dir={out}", "train.epochs=1",
-            "finetune.trainable=lora", "lora.rank=4", "train.lr=3e-3"]
-    assert main(args) == 0
-    texts, _ = split_of(out, "multilabel")
+    assert main(["run", name, "--quiet", *RUNS[name], f"output_dir={out}", "train.epochs=1",
+                 "finetune.trainable=lora", "lora.rank=4", "train.lr=3e-3"]) == 0
+    texts, _ = split_of(out, name)
     texts = texts[:6]
     loaded = load_classifier(str(out))
     ours = predict(loaded.classifier_model, loaded.meta, texts)
     assert main(["export", str(out), str(tmp_path / "peft"), "--format", "peft"]) == 0
     card = (tmp_path / "peft" / "README.md").read_text()
-    assert "problem_type='multi_label_classification'" in card
-    adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert f"problem_type={loaded.meta['problem_type']!r}" in card
     base = AutoModelForSequenceClassification.from_pretrained(
-        adapter["base_model_name_or_path"] if not (tmp_path / "peft" / "base").exists() else tmp_path / "peft" / "base",
-        num_labels=len(ours.names), problem_type="multi_label_classification", pad_token_id=50256)
+        tmp_path / "peft" / "base", num_labels=len(ours.names), problem_type=loaded.meta["problem_type"],
+        pad_token_id=50256)
     model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "peft")
     with torch.no_grad():
         for text, values in zip(texts, ours.values):
-            probs = model(**tokenizer(text, return_tensors="pt")).logits[0].double().sigmoid()
-            assert probs.tolist() == pytest.approx(values.tolist(), abs=1e-5)
+            logits = model(**tokenizer(text, return_tensors="pt")).logits[0].double()
+            answer = logits.sigmoid() if name == "multilabel" else logits  # regression: in the target's units
+            assert answer.tolist() == pytest.approx(values.tolist(), rel=1e-5, abs=1e-5)
     back = load_classifier(str(tmp_path / "peft"))
-    assert back.meta["problem_type"] == "multi_label_classification" and back.meta["labels"] == ours.names
-    assert predict(back.classifier_model, back.meta, texts).label_sets() == ours.label_sets()
+    assert back.meta["problem_type"] == loaded.meta["problem_type"] and back.meta["labels"] == ours.names
+    torch.testing.assert_close(predict(back.classifier_model, back.meta, texts).values, ours.values, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_from_before_problem_types_are_single_label():
+    from finetune.checkpoints.interface import check_usable, interface_of
+
+    old = {"task": "classification", "labels": ["ham", "spam"], "num_classes": 2, "max_length": 8, "keep": "start",
+           "pool": "last_token"}
+    check_usable(old, "test")
+    assert interface_of(old).problem_type == "single_label_classification"
+    assert Predictions.from_logits(torch.tensor([[0.0, 1.0]]), old).answers()[0]["label"] == "spam"
 
 
 @pytest.mark.parametrize("name", RUNS)

@@ -143,3 +143,15 @@ def test_a_reward_model_is_a_grpo_reward(run, tmp_path, capsys):
     assert scores and len(set(scores)) > 1  # the reward model's scores of real replies
     line = one_line_error(capsys, *grpo_args(tmp_path / "phi3", data, f'grpo.rewards=[{{kind: reward_model, model: "{run}"}}]'))
     assert "reads prompts in the 'alpaca' style and this run asks in 'phi3'" in line
+
+
+def test_a_lora_reward_model_exports_to_peft_and_reads_back_as_one(tmp_path):
+    out = tmp_path / "lora"
+    assert main(["run", "reward", "--quiet", "--config", "reward_tiny", f"output_dir={out}", "train.epochs=1",
+                 "finetune.trainable=lora", "lora.rank=4", "train.lr=3e-3"]) == 0
+    pairs = held_out(out)[:6]
+    loaded = load_classifier(str(out))
+    assert main(["export", str(out), str(tmp_path / "peft"), "--format", "peft"]) == 0
+    back = load_classifier(str(tmp_path / "peft"))
+    assert back.meta["problem_type"] == "reward" and back.meta["prompt_style"] == "alpaca"
+    assert rewards_of(back, pairs, "chosen").tolist() == pytest.approx(rewards_of(loaded, pairs, "chosen").tolist(), abs=1e-5)
