@@ -44,7 +44,7 @@ from finetune.recipes.labelled_data import (
     source_tables,
     split_examples,
 )
-from finetune.recipes.text_head import HeadConfig, HeadTrain, TextHeadRecipe
+from finetune.recipes.text_head import HeadConfig, HeadTrain, TextHeadRecipe, gathered_outputs, head_outputs
 
 # -- config -------------------------------------------------------------------------------------
 
@@ -85,16 +85,9 @@ class ClassificationTask:
         self.labels, self.weights, self.positive = labels, weights, positive
         self.host_weights = None if weights is None else weights.tolist()
 
-    @staticmethod
-    def logits(model, batch: dict) -> torch.Tensor:
-        """From token ids, or from cached features (finetune.training.features)."""
-        if "hidden" in batch:
-            return model(hidden=batch["hidden"], index=batch["index"], start=batch["start"])
-        return model(batch["input_ids"], batch["attention_mask"])
-
     def loss(self, model, batch: dict) -> torch.Tensor:
         """Summed; with class weights each example counts its class's weight, as in F.cross_entropy."""
-        logits = self.logits(model, batch).float()
+        logits = head_outputs(model, batch).float()
         weights = None if self.weights is None else self.weights.to(logits.device)
         return F.cross_entropy(logits, batch["labels"], weight=weights, reduction="sum")
 
@@ -104,16 +97,8 @@ class ClassificationTask:
             return len(batch["host_labels"])
         return sum(self.host_weights[label] for label in batch["host_labels"])
 
-    @torch.no_grad()
     def evaluate(self, model, loader, accelerator: Accelerator) -> dict:
-        model.eval()
-        all_logits, all_labels = [], []
-        for batch in loader:
-            logits = self.logits(model, batch).float()
-            logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-            all_logits.append(logits.cpu())
-            all_labels.append(labels.cpu())
-        logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+        logits, labels = gathered_outputs(model, loader, accelerator)
         loss = F.cross_entropy(logits, labels).item()
         return classification_metrics(labels.tolist(), logits.argmax(-1).tolist(), self.labels, loss, self.positive)
 

@@ -42,7 +42,15 @@ from finetune.recipes.labelled_data import (
     random_split,
     source_tables,
 )
-from finetune.recipes.text_head import TFIDF_TOKENS, HeadConfig, HeadTrain, TextHeadRecipe, split_inputs
+from finetune.recipes.text_head import (
+    TFIDF_TOKENS,
+    HeadConfig,
+    HeadTrain,
+    TextHeadRecipe,
+    gathered_outputs,
+    head_outputs,
+    split_inputs,
+)
 
 # -- config -------------------------------------------------------------------------------------
 
@@ -202,33 +210,17 @@ class MultiLabelTask:
     def __init__(self, labels: list[str], thresholds: list[float], pos_weight: torch.Tensor | None = None) -> None:
         self.labels, self.thresholds, self.pos_weight = labels, torch.tensor(thresholds), pos_weight
 
-    @staticmethod
-    def logits(model, batch: dict) -> torch.Tensor:
-        if "hidden" in batch:
-            return model(hidden=batch["hidden"], index=batch["index"], start=batch["start"])
-        return model(batch["input_ids"], batch["attention_mask"])
-
     def loss(self, model, batch: dict) -> torch.Tensor:
-        logits = self.logits(model, batch).float()
+        logits = head_outputs(model, batch).float()
         weight = None if self.pos_weight is None else self.pos_weight.to(logits.device)
         return F.binary_cross_entropy_with_logits(logits, batch["labels"].float(), pos_weight=weight, reduction="sum")
 
     def count(self, batch: dict) -> float:
         return len(batch["host_labels"]) * len(self.labels)
 
-    @torch.no_grad()
-    def outputs(self, model, loader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and 0/1 labels `(texts, labels)` of every text, from every process."""
-        model.eval()
-        all_logits, all_labels = [], []
-        for batch in loader:
-            logits, labels = accelerator.gather_for_metrics((self.logits(model, batch).float(), batch["labels"]))
-            all_logits.append(logits.cpu())
-            all_labels.append(labels.cpu())
-        return torch.cat(all_logits), torch.cat(all_labels).float()
-
     def evaluate(self, model, loader, accelerator: Accelerator) -> dict:
-        logits, labels = self.outputs(model, loader, accelerator)
+        logits, labels = gathered_outputs(model, loader, accelerator)
+        labels = labels.float()
         loss = F.binary_cross_entropy_with_logits(logits, labels).item()
         predicted = (logits.double().sigmoid() >= self.thresholds.double()).numpy()
         return multilabel_metrics(labels.numpy(), predicted, self.labels, loss)
@@ -298,8 +290,8 @@ class MultiLabel(TextHeadRecipe[MultiLabelConfig]):
         loader = accelerator.prepare(
             eval_loader(examples, config.train.eval_batch_size or config.train.batch_size, collate)
         )
-        logits, labels = self.task(config, data, meta).outputs(model, loader, accelerator)
-        return {"thresholds": tuned_thresholds(logits.double().sigmoid(), labels, meta["thresholds"])}
+        logits, labels = gathered_outputs(model, loader, accelerator)
+        return {"thresholds": tuned_thresholds(logits.double().sigmoid(), labels.float(), meta["thresholds"])}
 
     def report(
         self, out: Path, config: MultiLabelConfig, data: LabelledData, metrics: dict, history, model, quiet: bool

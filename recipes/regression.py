@@ -38,7 +38,14 @@ from finetune.recipes.labelled_data import (
     random_split,
     source_tables,
 )
-from finetune.recipes.text_head import TFIDF_TOKENS, HeadConfig, HeadTrain, TextHeadRecipe
+from finetune.recipes.text_head import (
+    TFIDF_TOKENS,
+    HeadConfig,
+    HeadTrain,
+    TextHeadRecipe,
+    gathered_outputs,
+    head_outputs,
+)
 
 # -- config -------------------------------------------------------------------------------------
 
@@ -125,12 +132,6 @@ class RegressionTask:
         self.names, self.kind = names, loss
         self.mean, self.std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
 
-    @staticmethod
-    def logits(model, batch: dict) -> torch.Tensor:
-        if "hidden" in batch:
-            return model(hidden=batch["hidden"], index=batch["index"], start=batch["start"])
-        return model(batch["input_ids"], batch["attention_mask"])
-
     def standardised(self, targets: torch.Tensor) -> torch.Tensor:
         mean, std = self.mean.to(targets.device), self.std.to(targets.device)
         return ((targets.double() - mean) / std).float()
@@ -141,20 +142,14 @@ class RegressionTask:
         return F.mse_loss(outputs, self.standardised(targets), reduction=reduction)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return self._loss(self.logits(model, batch).float(), batch["labels"], "sum")
+        return self._loss(head_outputs(model, batch).float(), batch["labels"], "sum")
 
     def count(self, batch: dict) -> float:
         return len(batch["host_labels"]) * len(self.names)
 
-    @torch.no_grad()
     def evaluate(self, model, loader, accelerator: Accelerator) -> dict:
-        model.eval()
-        all_outputs, all_targets = [], []
-        for batch in loader:
-            outputs, targets = accelerator.gather_for_metrics((self.logits(model, batch).float(), batch["labels"]))
-            all_outputs.append(outputs.cpu())
-            all_targets.append(targets.cpu())
-        outputs, targets = torch.cat(all_outputs), torch.cat(all_targets).double()
+        outputs, targets = gathered_outputs(model, loader, accelerator)
+        targets = targets.double()
         loss = self._loss(outputs, targets, "mean").item()
         predictions = outputs.double() * self.std + self.mean
         return regression_metrics(targets.numpy(), predictions.numpy(), self.names, loss)

@@ -13,6 +13,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from typing import Generic, Literal, TypeVar
 
+import torch
 from accelerate import Accelerator
 from pydantic import Field
 
@@ -135,6 +136,25 @@ class TextHeadRecipe(Recipe[C, LabelledData], Generic[C]):
         batch_size = config.train.eval_batch_size or config.train.batch_size
         inputs = split_inputs(data, meta, splits, reuse)
         return evaluate_splits(self.task(config, data, meta), model, inputs, batch_size, accelerator)
+
+
+def head_outputs(model, batch: dict) -> torch.Tensor:
+    """The head's outputs `(texts, outputs)` from token ids, or from cached features (finetune.training.features)."""
+    if "hidden" in batch:
+        return model(hidden=batch["hidden"], index=batch["index"], start=batch["start"])
+    return model(batch["input_ids"], batch["attention_mask"])
+
+
+@torch.no_grad()
+def gathered_outputs(model, loader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's float outputs and the labels of every text of `loader`, from every process, on the CPU."""
+    model.eval()
+    outputs, labels = [], []
+    for batch in loader:
+        out, label = accelerator.gather_for_metrics((head_outputs(model, batch).float(), batch["labels"]))
+        outputs.append(out.cpu())
+        labels.append(label.cpu())
+    return torch.cat(outputs), torch.cat(labels)
 
 
 def split_inputs(
