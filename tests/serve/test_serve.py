@@ -727,3 +727,35 @@ def test_engine_never_reads_cache_memory_a_row_does_not_own():
     engine._v.fill_(float("nan"))
     joiners = [([7, 8], 3), (list(range(100, 112)), 17), ([9], 5), ([40, 41, 42], 6)]
     assert_each_as_alone(model, staggered(engine, model, joiners))
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
+def test_page_shows_label_sets_and_numbers_in_a_real_browser(browser, problem_type):
+    """A multi-label model's labels over their thresholds are marked; a regression model's numbers are shown
+    in the target's units."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from finetune.inference.predict import predict
+
+    torch.manual_seed(2)
+    model = GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny")), 3).eval()
+    meta = {**model.checkpoint_meta(), "labels": ["a", "b", "c"], "max_length": 64, "keep": "start",
+            "problem_type": problem_type, "thresholds": [0.3, 0.5, 0.7], "target_mean": [10.0, 0.0, -5.0],
+            "target_std": [2.0, 1.0, 100.0]}
+    running = Running(create_app(Loaded.of(model, meta, "heads")))
+    try:
+        browser.get(running.url + "/")
+        WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "title").text == "heads")
+        browser.find_element(By.ID, "text").send_keys("where is my parcel")
+        browser.find_element(By.ID, "classify").click()
+        rows = WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#bars .row"))
+        expected = predict(model, meta, ["where is my parcel"])
+        if problem_type == "regression":
+            shown = {row.get_attribute("data-label"): float(row.get_attribute("data-value")) for row in rows}
+            assert shown == pytest.approx(dict(zip(meta["labels"], expected.values[0].tolist())), abs=1e-6)
+        else:
+            marked = {row.get_attribute("data-label") for row in rows if "chosen" in row.get_attribute("class")}
+            assert marked == set(expected.label_sets()[0]) and 0 < len(marked) < 3  # some marked, not all
+    finally:
+        running.close()
