@@ -1,9 +1,10 @@
-"""What a trained model is, stored with it: its task (a language model, or a classifier and its classes),
-the prompt style it was trained with and its generation defaults.
+"""What a trained model is, stored with it: its task (a language model, or a classifier: its problem type and
+outputs), the prompt style it was trained with and its generation defaults.
 
-Every finetune checkpoint records these in its config.json (`task`, `labels`, `prompt_style`,
-`generation`); exports carry them in the files other tools read (a `chat_template` in
-tokenizer_config.json, generation_config.json) and are read back from there. Commands that use a model
+Every finetune checkpoint records these in its config.json (`task`, `labels`, `problem_type` and what
+reading the outputs needs, `prompt_style`, `generation`); exports carry them in the files other tools read
+(a `chat_template` and `finetune_*` keys in tokenizer_config.json, generation_config.json, transformers'
+`problem_type` and `id2label`) and are read back from there. Commands that use a model
 (`serve`, `chat`, `respond`, `classify`, `predict`, `generate`) read only this.
 """
 
@@ -60,7 +61,6 @@ class Interface:
     labels: list[str] | None = None  # a classifier's classes, labels or targets, in head order
     prompt_style: str | None = None  # how instructions are prompted; None: text is continued as it is
     generation: Generation = Generation()
-
     problem_type: str | None = None  # a classifier's: one of PROBLEM_TYPES
 
     @property
