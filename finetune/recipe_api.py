@@ -37,6 +37,7 @@ from finetune.data.corpus import (
     tokenized,
 )
 from finetune.data.files import read_json_object, read_text
+from finetune.data.packing import Row, pack, packed_batch
 from finetune.data.prompts import check_style
 from finetune.data.records import Record, read_fields, read_records, split_records
 from finetune.data.tables import Format, Table, read_table
@@ -108,6 +109,9 @@ __all__ = [
     "Example",
     "encode_examples",
     "tokenize",
+    "pack",
+    "packed_batch",
+    "Row",
     "truncate",
     "by_length",
     "Corpus",

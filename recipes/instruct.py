@@ -22,6 +22,7 @@ from finetune.datasets import INSTRUCTIONS, data_file
 from finetune.recipe_api import (
     EOT_ID,
     IGNORE,
+    Examples,
     Float,
     Format,
     Generation,
@@ -29,6 +30,7 @@ from finetune.recipe_api import (
     NextTokenTask,
     Recipe,
     Record,
+    Row,
     RunConfig,
     SamplingSection,
     Section,
@@ -38,6 +40,8 @@ from finetune.recipe_api import (
     evaluate_splits,
     get_tokenizer,
     interface_meta,
+    pack,
+    packed_batch,
     perplexity_table,
     plot_curves,
     prompt_tokens,
@@ -64,6 +68,11 @@ class InstructData(Section):
     test_fraction: Float = Field(0.10, gt=0.0, lt=1.0)  # validation gets the rest, as in the book
     max_length: int | None = Field(None, ge=2, description="tokens per example; null = the model's context")
     mask_prompt: bool = Field(False, description="train on the response only, not on the instruction")
+    packing: bool = Field(
+        False,
+        description="lay training records end to end in rows of up to max_length tokens (positions restart "
+        "and attention stays within each record, so the loss is the same); train.batch_size then counts rows",
+    )
     prompt_style: str = Field(
         "alpaca",
         description="alpaca, phi3, plain, or a template with {instruction} and "
@@ -139,19 +148,38 @@ class Collate:
     def __init__(self, max_length: int | None = None, mask_prompt: bool = False) -> None:
         self.max_length, self.mask_prompt = max_length, mask_prompt
 
+    def row(self, e: Example) -> Row:
+        """One record's inputs (its tokens) and targets (the next tokens, then one end-of-text), cut to max_length."""
+        target = e.ids[1:] + [EOT_ID]
+        if self.mask_prompt:
+            target[: e.prompt_length - 1] = [IGNORE] * (e.prompt_length - 1)
+        return e.ids[: self.max_length], target[: self.max_length]
+
     def __call__(self, batch: list[Example]) -> dict[str, Any]:
-        width = max(len(e.ids) for e in batch) + 1  # room for one end-of-text
-        inputs, targets = [], []
-        for e in batch:
-            padded = e.ids + [EOT_ID] * (width - len(e.ids))
-            target = padded[1:]
-            target[len(e.ids) :] = [IGNORE] * (len(target) - len(e.ids))  # keeps target[len-1] = EOT
-            if self.mask_prompt:
-                target[: e.prompt_length - 1] = [IGNORE] * (e.prompt_length - 1)
-            inputs.append(padded[:-1][: self.max_length])
-            targets.append(target[: self.max_length])
+        rows = [self.row(e) for e in batch]
+        width = max(len(inputs) for inputs, _ in rows)
+        inputs = [ids + [EOT_ID] * (width - len(ids)) for ids, _ in rows]
+        targets = [target + [IGNORE] * (width - len(target)) for _, target in rows]
         count = sum(t != IGNORE for row in targets for t in row)  # counted here, on the host
         return {"input_ids": torch.tensor(inputs), "targets": torch.tensor(targets), "count": count}
+
+
+class PackedCollate:
+    """Batches of packs (lists of records laid end to end in one row): each record's own inputs and targets,
+    as `Collate` makes them, positions restarting per record, attention within it (finetune.data.packing)."""
+
+    def __init__(self, max_length: int, mask_prompt: bool = False) -> None:
+        self.records = Collate(max_length, mask_prompt)
+
+    def __call__(self, batch: list[list[Example]]) -> dict[str, Any]:
+        out: dict[str, Any] = packed_batch([[self.records.row(e) for e in pack] for pack in batch])
+        out["count"] = int((out["targets"] != IGNORE).sum())
+        return out
+
+
+def packed(examples: Encoded, max_length: int) -> list[list[Example]]:
+    """The records in rows of up to `max_length` tokens (first fit, longest first)."""
+    return [[examples[i] for i in row] for row in pack([min(len(e.ids), max_length) for e in examples], max_length)]
 
 
 def trained_tokens(examples: Encoded, collate: Collate) -> tuple[int, int]:
@@ -178,19 +206,25 @@ class Instruct(Recipe[InstructConfig, dict]):
     ) -> Setup:
         context = model.config.context_length
         max_length = min(config.data.max_length or context, context)
-        collate = Collate(max_length, config.data.mask_prompt)
+        collate: Collate | PackedCollate = Collate(max_length, config.data.mask_prompt)
         encoded = {name: encode(data[name], config.data.prompt_style) for name in ("train", "val")}
-        trained, masked = trained_tokens(encoded["train"], collate)
+        trained, masked = trained_tokens(encoded["train"], Collate(max_length, config.data.mask_prompt))
+        train: Examples = encoded["train"]
+        val: Examples = encoded["val"]
+        if config.data.packing:  # validation records one per row, so they read as unpacked ones do
+            collate = PackedCollate(max_length, config.data.mask_prompt)
+            train, val = packed(encoded["train"], max_length), [[e] for e in encoded["val"]]
         if accelerator.is_main_process:
             tqdm.write(
                 f"training on {trained:,} target tokens ({masked:,} masked: padding"
-                f"{' and prompts' if config.data.mask_prompt else ''})",
+                f"{' and prompts' if config.data.mask_prompt else ''})"
+                + (f", {len(encoded['train']):,} records packed in {len(train):,} rows" if config.data.packing else ""),
                 file=sys.stderr,
             )
         meta = {"max_length": max_length, **model_interface(config)}
         return Setup(
-            encoded["train"],
-            encoded["val"],
+            train,
+            val,
             collate,
             NextTokenTask(),
             meta,

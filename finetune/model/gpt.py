@@ -94,6 +94,22 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+@dataclass(frozen=True)
+class Segments:
+    """Packed rows (several sequences end to end, finetune.data.packing): where each row's sequences end.
+    Attention runs causally inside each sequence and never across: the cost of the sequences' own lengths,
+    not of the whole row's, and no mask to build."""
+
+    ends: tuple[tuple[int, ...], ...]  # per row, the end of each run of equal segment ids (the last: the row's)
+
+    @classmethod
+    def of(cls, segments: torch.Tensor) -> Segments:
+        """From `(B, T)` segment ids, each sequence one contiguous run (padding: a run of its own)."""
+        changes = (segments[:, 1:] != segments[:, :-1]).tolist()
+        T = segments.shape[1]
+        return cls(tuple((*(t + 1 for t, changed in enumerate(row) if changed), T) for row in changes))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -109,6 +125,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if isinstance(mask, Segments):
+            y = self._per_segment(q, k, v, mask)
+            return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
         # mask=None means plain causal attention over a fresh sequence (the fast fused path), or a
         # single new position per sequence attending to everything cached before it.
         is_causal = mask is None and k.shape[2] == T and T > 1
@@ -117,6 +136,21 @@ class CausalSelfAttention(nn.Module):
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    def _per_segment(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
+        """Causal attention `(B, heads, T, D)` inside each packed sequence, one fused call per sequence."""
+        dropout = self.dropout if self.training else 0.0
+        rows = []
+        for b, ends in enumerate(segments.ends):
+            starts = (0, *ends[:-1])
+            parts = [
+                F.scaled_dot_product_attention(
+                    q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], dropout_p=dropout, is_causal=True
+                )
+                for s, e in zip(starts, ends, strict=True)
+            ]
+            rows.append(torch.cat(parts, dim=2))
+        return torch.cat(rows, dim=0)
 
     def forward_at(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The attention output `(B, C)` at one position per row: keys and values of every position up
@@ -216,6 +250,7 @@ class GPT(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
@@ -223,6 +258,8 @@ class GPT(nn.Module):
 
         attention_mask: `(B, S)` with 1 for real and 0 for padding tokens, S covering the cached
         positions plus `idx`. positions: `(B, T)` position ids (default: consecutive after the cache).
+        segments: `(B, T)` for rows that hold several sequences end to end (packing): a token attends
+        only to earlier tokens of its own segment; give each sequence's `positions` from 0.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -233,7 +270,11 @@ class GPT(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + T, device=idx.device).unsqueeze(0)
         x = self.embed(idx, positions)
-        mask = None if attention_mask is None else _attention_mask(attention_mask, past, T)
+        mask: torch.Tensor | Segments | None = None
+        if attention_mask is not None:
+            mask = _attention_mask(attention_mask, past, T)
+        if segments is not None:
+            mask = Segments.of(segments)
         for i, block in enumerate(self.blocks):
             x = self.run_block(block, x, mask, cache, i)
         if cache is not None:
@@ -245,7 +286,7 @@ class GPT(nn.Module):
         self,
         block: nn.Module,
         x: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | Segments | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:

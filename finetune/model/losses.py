@@ -22,12 +22,19 @@ IGNORE = -100  # targets the loss skips (F.cross_entropy's ignore_index)
 CHUNK_ROWS = {"cpu": 256, "cuda": 4096}
 
 
-def next_token_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of a GPT's next-token predictions against `targets` (IGNORE = skip).
+def next_token_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Summed cross-entropy of a GPT's next-token predictions against `targets` (IGNORE = skip);
+    `positions` and `segments` for packed rows (see GPT.forward).
 
     Call it where the model's forward runs (under the same autocast, as the trainer does): the
     vocabulary products then run in the autocast precision, as they would inside the model."""
-    hidden = model(input_ids, return_hidden=True)
+    hidden = model(input_ids, positions=positions, segments=segments, return_hidden=True)
     keep = targets != IGNORE
     hidden, targets = hidden[keep], targets[keep]
     head = cast(nn.Module, getattr(model, "module", model).lm_head)  # the GPT itself under DistributedDataParallel

@@ -15,12 +15,13 @@ class NextTokenTask:
     """Cross-entropy summed over the targets that are not -100; loss, perplexity and tokens per split.
 
     Batches hold `input_ids`, `targets` (the inputs shifted by one, -100 where nothing is learned) and
-    `count`, the number of real targets, counted by the collate on the host."""
+    `count`, the number of real targets, counted by the collate on the host; packed batches also
+    `positions` and `segments`."""
 
     unit = "tokens"
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return next_token_loss(model, batch["input_ids"], batch["targets"])
+        return next_token_loss(model, batch["input_ids"], batch["targets"], *packing(batch))
 
     def count(self, batch: dict) -> int:
         return batch["count"]
@@ -31,13 +32,18 @@ class NextTokenTask:
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
         for batch in loader:
             with accelerator.autocast():  # the vocabulary products too, not only the model's forward
-                loss = next_token_loss(model, batch["input_ids"], batch["targets"])
+                loss = next_token_loss(model, batch["input_ids"], batch["targets"], *packing(batch))
             total += torch.stack([loss.double(), (batch["targets"] != IGNORE).sum().double()])
         # Every process saw its own share of the split (accelerate pads the last one with repeats,
         # which are few tokens; they are counted, as in most LM evaluations).
         loss_sum, tokens = accelerator.reduce(total, reduction="sum").tolist()
         loss = loss_sum / max(tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
+
+
+def packing(batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A packed batch's positions and segments (finetune.data.packing), or None for plain rows."""
+    return batch.get("positions"), batch.get("segments")
 
 
 def perplexity_table(metrics: dict, splits: tuple[str, ...] = ("train", "val", "test")) -> str:
