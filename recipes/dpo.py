@@ -83,6 +83,7 @@ class PreferenceData(InstructData):
     rejected_field: str = Field("rejected", description="the dispreferred response")
     output_field: str = Field("chosen", description="the reference the test responses are scored against")
     mask_prompt: Literal[True] = Field(True, description="DPO compares responses: the prompt never counts")
+    packing: Literal[False] = Field(False, description="not available for DPO yet: pairs are padded per batch")
 
 
 class DPOSection(Section):
