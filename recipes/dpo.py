@@ -34,6 +34,7 @@ from finetune.recipe_api import (
     ModelSection,
     Recipe,
     Record,
+    Row,
     RunConfig,
     Section,
     Setup,
@@ -44,6 +45,8 @@ from finetune.recipe_api import (
     language_model,
     lora_layers,
     merged_model,
+    pack,
+    packed_batch,
     plot_curves,
     prompt_tokens,
     read_fields,
@@ -83,7 +86,11 @@ class PreferenceData(InstructData):
     rejected_field: str = Field("rejected", description="the dispreferred response")
     output_field: str = Field("chosen", description="the reference the test responses are scored against")
     mask_prompt: Literal[True] = Field(True, description="DPO compares responses: the prompt never counts")
-    packing: Literal[False] = Field(False, description="not available for DPO yet: pairs are padded per batch")
+    packing: bool = Field(
+        False,
+        description="lay training pairs' responses end to end in rows of up to max_length tokens, each pair in "
+        "one row (positions restart, attention stays within each response); train.batch_size then counts rows",
+    )
 
 
 class DPOSection(Section):
@@ -206,23 +213,68 @@ class Collate:
     def __init__(self, max_length: int) -> None:
         self.max_length = max_length
 
+    def sequence(self, ids: list[int], prompt_length: int) -> Row:
+        """One response's inputs and targets (the response and its end-of-text; not the prompt), cut to max_length."""
+        ids = ids[: self.max_length + 1]
+        target = ids[1:]
+        target[: prompt_length - 1] = [IGNORE] * (prompt_length - 1)
+        return ids[:-1], target
+
     def __call__(self, batch: list[tuple[Encoded, torch.Tensor | None]]) -> dict:
-        rows = [e.chosen for e, _ in batch] + [e.rejected for e, _ in batch]
-        starts = [e.prompt_length for e, _ in batch] * 2
-        width = min(max(map(len, rows)), self.max_length + 1)
-        inputs, targets = [], []
-        for ids, start in zip(rows, starts, strict=True):
-            ids = ids[:width]
-            padded = ids + [EOT_ID] * (width - len(ids))
-            target = padded[1:]
-            target[: start - 1] = [IGNORE] * (start - 1)
-            target[len(ids) - 1 :] = [IGNORE] * (width - len(ids))
-            inputs.append(padded[:-1])
-            targets.append(target)
-        out = {"input_ids": torch.tensor(inputs), "targets": torch.tensor(targets), "count": len(batch)}
-        if batch[0][1] is not None:
-            out["reference"] = torch.stack([ref for _, ref in batch if ref is not None])
-        return out
+        rows = [self.sequence(e.chosen, e.prompt_length) for e, _ in batch]
+        rows += [self.sequence(e.rejected, e.prompt_length) for e, _ in batch]
+        width = max(len(inputs) for inputs, _ in rows)
+        inputs = [ids + [EOT_ID] * (width - len(ids)) for ids, _ in rows]
+        targets = [target + [IGNORE] * (width - len(target)) for _, target in rows]
+        return {"input_ids": torch.tensor(inputs), "targets": torch.tensor(targets), **pair_fields(batch, rows)}
+
+
+def pair_fields(batch: list[tuple[Encoded, torch.Tensor | None]], rows: list[Row]) -> dict:
+    """What a batch of pairs carries beside its tokens: the pair count, each response's target count (chosen
+    responses first) and, once known, the reference's log-probabilities."""
+    out: dict = {"count": len(batch), "target_counts": torch.tensor([sum(t != IGNORE for t in r) for _, r in rows])}
+    if batch[0][1] is not None:
+        out["reference"] = torch.stack([ref for _, ref in batch if ref is not None])
+    return out
+
+
+class PackedCollate:
+    """Batches of packs of pairs (`data.packing`): each pack's responses laid end to end in one row (a pair
+    too long for one row: its two responses in a row each), positions restarting per response, attention
+    inside it; `slots` names each response's (row, segment), chosen ones first."""
+
+    def __init__(self, max_length: int) -> None:
+        self.pairs = Collate(max_length)
+        self.max_length = max_length
+
+    def responses(self, e: Encoded) -> tuple[Row, Row]:
+        return self.pairs.sequence(e.chosen, e.prompt_length), self.pairs.sequence(e.rejected, e.prompt_length)
+
+    def __call__(self, batch: list[list[tuple[Encoded, torch.Tensor | None]]]) -> dict:
+        rows: list[list[Row]] = []
+        chosen: list[tuple[int, int]] = []
+        rejected: list[tuple[int, int]] = []
+        for group in batch:
+            sequences = [self.responses(e) for e, _ in group]
+            if sum(len(c[0]) + len(r[0]) for c, r in sequences) <= self.max_length:
+                rows.append([s for pair in sequences for s in pair])
+                chosen += [(len(rows) - 1, 2 * i + 1) for i in range(len(sequences))]
+                rejected += [(len(rows) - 1, 2 * i + 2) for i in range(len(sequences))]
+            else:  # one pair longer than a row
+                rows += [[sequences[0][0]], [sequences[0][1]]]
+                chosen.append((len(rows) - 2, 1))
+                rejected.append((len(rows) - 1, 1))
+        out = packed_batch(rows)
+        out["slots"] = torch.tensor(chosen + rejected)
+        pairs = [item for group in batch for item in group]
+        responses = [rows[r][s - 1] for r, s in chosen + rejected]
+        return out | pair_fields(pairs, responses)
+
+
+def packed_pairs(examples: list[tuple[Encoded, torch.Tensor | None]], max_length: int) -> list[list]:
+    """The pairs in packs whose responses fill rows of up to `max_length` tokens (first fit, longest first)."""
+    lengths = [min(len(e.chosen) - 1, max_length) + min(len(e.rejected) - 1, max_length) for e, _ in examples]
+    return [[examples[i] for i in row] for row in pack([min(n, max_length) for n in lengths], max_length)]
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -254,12 +306,13 @@ class DPOTask:
 
     def terms(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         pairs = batch["count"]
-        logps = sequence_logprobs(model, batch["input_ids"], batch["targets"], self.mean)
+        packed = batch if "segments" in batch else None
+        logps = sequence_logprobs(model, batch["input_ids"], batch["targets"], self.mean, packed)
         policy = torch.stack([logps[:pairs], logps[pairs:]], dim=1)
         terms = dpo_terms(policy, batch["reference"].to(policy.dtype), self.beta)
         if self.sft_weight:
-            chosen = batch["targets"][:pairs]
-            mean_logp = logps[:pairs] if self.mean else logps[:pairs] / (chosen != IGNORE).sum(1).clamp(min=1)
+            counts = batch["target_counts"][:pairs].to(logps.device)
+            mean_logp = logps[:pairs] if self.mean else logps[:pairs] / counts.clamp(min=1)
             terms["sft_loss"] = -mean_logp
             terms["loss"] = terms["loss"] + self.sft_weight * terms["sft_loss"]
         return terms
@@ -405,9 +458,13 @@ class DPO(Recipe[DPOConfig, dict]):
             )
         examples = {split: list(zip(encoded[split], reference[split], strict=True)) for split in SPLITS}
         meta = {"max_length": max_length, **model_interface(config)}
-        return Setup(
-            examples["train"], examples["val"], Collate(max_length), task_of(config), meta, reuse={"examples": examples}
-        )
+        train: list = examples["train"]
+        val: list = examples["val"]
+        collate: Collate | PackedCollate = Collate(max_length)
+        if config.data.packing:  # validation pairs one per row, so they read as unpacked ones do
+            train, val = packed_pairs(examples["train"], max_length), [[e] for e in examples["val"]]
+            collate = PackedCollate(max_length)
+        return Setup(train, val, collate, task_of(config), meta, reuse={"examples": examples})
 
     def evaluate(
         self,

@@ -95,12 +95,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def token_logprobs(
-    model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    positions: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`(B, T)` log-probability of each target under the model's logits / `temperature` (0 where the
     target is IGNORE): what policy-gradient methods weigh per token. Only the rows with a target are
-    projected onto the vocabulary."""
-    hidden = model(input_ids, return_hidden=True)
+    projected onto the vocabulary. `positions`, `segments`: packed rows (see GPT.forward)."""
+    hidden = model(input_ids, positions=positions, segments=segments, return_hidden=True)
     keep = targets != IGNORE
     head = cast(nn.Module, getattr(model, "module", model).lm_head)  # the GPT itself under DistributedDataParallel
     logits = head(hidden[keep]).float()
@@ -111,12 +116,28 @@ def token_logprobs(
 
 
 def sequence_logprobs(
-    model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, mean: bool = False
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    mean: bool = False,
+    packed: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Each sequence's log-probability of its targets (IGNORE = skip), summed or averaged per target:
     what preference tuning compares. Summed in float64: a response's hundreds of log-probabilities
-    would otherwise lose digits that DPO's differences of sums keep."""
-    per_token = token_logprobs(model, input_ids, targets)
-    total = per_token.sum(dim=1, dtype=torch.float64)
-    total = total / (targets != IGNORE).sum(dim=1).clamp(min=1) if mean else total
+    would otherwise lose digits that DPO's differences of sums keep. One per row; for packed rows
+    (`packed`: `positions`, `segments` and `slots`, the (row, segment) of each sequence wanted), one per slot."""
+    if packed is None:
+        per_token = token_logprobs(model, input_ids, targets)
+        total, counts = per_token.sum(dim=1, dtype=torch.float64), (targets != IGNORE).sum(dim=1)
+    else:
+        segments = packed["segments"]
+        per_token = token_logprobs(model, input_ids, targets, positions=packed["positions"], segments=segments)
+        width = int(segments.max()) + 1
+        cell = (torch.arange(len(segments), device=segments.device)[:, None] * width + segments).flatten()
+        wanted = packed["slots"][:, 0] * width + packed["slots"][:, 1]
+        total = per_token.new_zeros(len(segments) * width, dtype=torch.float64)
+        total = total.index_add(0, cell, per_token.flatten().double())
+        counts = torch.zeros_like(total).index_add(0, cell, (targets != IGNORE).flatten().double())
+        total, counts = total[wanted], counts[wanted]
+    total = total / counts.clamp(min=1) if mean else total
     return total.to(per_token.dtype)

@@ -101,3 +101,56 @@ def test_a_packed_run_sees_the_same_validation_loss_and_packs_its_rows(tmp_path,
         if packing:
             assert "records packed in" in err
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("mean", [False, True])
+def test_packed_preference_pairs_give_each_response_its_own_log_probability(mean):
+    """Pairs kept whole, several per row; a pair too long for a row gets a row per response."""
+    from finetune.model.losses import sequence_logprobs
+    from finetune.recipes.dpo import RECIPE as DPO
+    from finetune.recipes.dpo import Collate as PairCollate
+    from finetune.recipes.dpo import DPOConfig, encode_pairs, packed_pairs
+    from finetune.recipes.dpo import PackedCollate as PackedPairs
+
+    from dataclasses import replace
+
+    model = tiny_model(4)
+    max_length = 256  # gpt2-tiny's context
+    records = DPO.prepare(DPOConfig())["train"][:24]
+    records[0] = replace(records[0], chosen=records[0].chosen + " and so on" * 80)  # a pair longer than a row
+    pairs = encode_pairs(records, "alpaca", max_length)
+    items = [(e, None) for e in pairs]
+    packs = packed_pairs(items, max_length)
+    assert len(packs) < len(items) and any(len(p) >= 2 for p in packs)  # several pairs share rows
+    with torch.no_grad():
+        batch = PairCollate(max_length)(items)
+        alone = sequence_logprobs(model, batch["input_ids"], batch["targets"], mean)
+        expected = {id(e): (alone[i].item(), alone[len(items) + i].item()) for i, (e, _) in enumerate(items)}
+        batch = PackedPairs(max_length)(packs)
+        assert batch["count"] == len(items)
+        split = [p for p in packs if len(p) == 1 and len(p[0][0].chosen) + len(p[0][0].rejected) - 2 > max_length]
+        assert split  # the path that gives one pair two rows is exercised
+        found = sequence_logprobs(model, batch["input_ids"], batch["targets"], mean, packed=batch)
+        order = [e for group in packs for e, _ in group]
+        for i, e in enumerate(order):
+            assert found[i].item() == pytest.approx(expected[id(e)][0], abs=1e-4)
+            assert found[len(order) + i].item() == pytest.approx(expected[id(e)][1], abs=1e-4)
+        counts = PairCollate(max_length)([(e, None) for e in order])["target_counts"]
+        assert batch["target_counts"].tolist() == counts.tolist()
+
+
+def test_a_packed_dpo_run_sees_the_same_validation_metrics(tmp_path, capsys):
+    from finetune.datasets import PREFERENCES, bundled
+
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(json.loads(bundled(PREFERENCES).read_text())[:80]))
+    losses = {}
+    for packing in (False, True):
+        out = tmp_path / str(packing)
+        code, _, err = cli(capsys, "run", "dpo", "--config", "dpo_tiny", f"output_dir={out}", f"data.path={data}",
+                           f"data.packing={str(packing).lower()}", "data.max_length=256")
+        assert code == 0, err
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[packing] = [r for r in rows if r["split"] == "val"][0]
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        assert losses[True][key] == pytest.approx(losses[False][key], rel=1e-5, abs=1e-6), key
