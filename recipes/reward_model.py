@@ -11,6 +11,7 @@ A reward model scores replies in `finetune classify --response`, `finetune predi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +22,11 @@ from pydantic import Field, model_validator
 
 from finetune.recipe_api import (
     REWARD,
+    CachedFeatures,
     Collate,
+    CollateFeatures,
+    Encoded,
+    Examples,
     Float,
     Format,
     GPTClassifier,
@@ -30,6 +35,7 @@ from finetune.recipe_api import (
     Section,
     Setup,
     UserError,
+    cache_splits,
     check_style,
     evaluate_splits,
     exchanges,
@@ -42,7 +48,7 @@ from finetune.recipe_api import (
     truncate,
 )
 from finetune.recipes.dpo import Pair, read_pairs
-from finetune.recipes.text_head import ClassifierModel, build_head_model
+from finetune.recipes.text_head import ClassifierModel, HeadTrain, build_head_model, head_outputs
 
 SPLITS = ("train", "val", "test")
 
@@ -79,6 +85,7 @@ class RewardConfig(RunConfig):
     output_dir: str = "runs/reward"
     model: ClassifierModel = ClassifierModel(name="runs/instruct")
     data: RewardData = RewardData()
+    train: HeadTrain = HeadTrain()
 
 
 def prompt_style(config: RewardConfig) -> str:
@@ -96,24 +103,29 @@ def prompt_style(config: RewardConfig) -> str:
 # -- data ---------------------------------------------------------------------------------------
 
 
-def encode_pairs(pairs: list[Pair], meta: dict) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each pair's prompt + chosen and prompt + rejected, written as `finetune.inference.predict`
-    writes a reward model's texts, cut to meta's max_length."""
+def encode_sides(pairs: list[Pair], meta: dict) -> tuple[Encoded, Encoded]:
+    """Token ids of every pair's prompt + chosen and prompt + rejected (as texts a classifier reads, label 0),
+    written as `finetune.inference.predict` writes a reward model's texts, cut to meta's max_length."""
     texts = [exchanges(meta, [p.record.instruction] * 2, [p.record.input] * 2, [p.chosen, p.rejected]) for p in pairs]
     ids = tokenize([text for pair in texts for text in pair])
     cut = [truncate(row, meta["max_length"], meta["keep"]) for row in ids]
-    return list(zip(cut[0::2], cut[1::2], strict=True))
+    return Encoded(cut[0::2], [0] * len(pairs)), Encoded(cut[1::2], [0] * len(pairs))
+
+
+def paired(chosen: Examples, rejected: Examples) -> list[tuple]:
+    """The two sides' items (token ids or cached features, as the texts' collate takes them) side by side."""
+    return [(chosen[i], rejected[i]) for i in range(len(chosen))]
 
 
 class PairCollate:
-    """A batch of pairs as one batch of texts, chosen rows first, right-padded as a classifier's texts are."""
+    """A batch of pairs as one batch of texts, chosen rows first, through the texts' own collate (padded
+    token ids, or cached features)."""
 
-    def __init__(self) -> None:
-        self.texts = Collate()
+    def __init__(self, texts: Callable[[list], dict]) -> None:
+        self.texts = texts
 
-    def __call__(self, batch: list[tuple[list[int], list[int]]]) -> dict:
-        rows = [(chosen, 0) for chosen, _ in batch] + [(rejected, 0) for _, rejected in batch]
-        out = self.texts(rows)
+    def __call__(self, batch: list[tuple]) -> dict:
+        out = self.texts([chosen for chosen, _ in batch] + [rejected for _, rejected in batch])
         out["count"] = len(batch)
         return out
 
@@ -137,7 +149,7 @@ class RewardTask:
     unit = "pairs"
 
     def rewards(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = model(batch["input_ids"], batch["attention_mask"])[:, 0].float()
+        scores = head_outputs(model, batch)[:, 0].float()
         return scores[: batch["count"]], scores[batch["count"] :]
 
     def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
@@ -183,17 +195,42 @@ class RewardModel(Recipe[RewardConfig, dict[str, list[Pair]]]):
         meta = {"labels": ["reward"], "problem_type": REWARD, "prompt_style": prompt_style(config), "keep": "start"}
         if config.data.max_length:
             return meta | {"max_length": min(config.data.max_length, context)}
-        longest = max(len(ids) for pair in encode_pairs(data["train"], meta | {"max_length": context}) for ids in pair)
+        longest = max(
+            len(ids) for side in encode_sides(data["train"], meta | {"max_length": context}) for ids in side.ids
+        )
         return meta | {"max_length": min(longest, context)}
 
     def setup(self, config: RewardConfig, data: dict, model, accelerator: Accelerator, quiet: bool) -> Setup:
+        """Both sides of the training and validation pairs as texts; with a frozen trunk (and dropout 0), the
+        frozen layers' output for each text computed once (finetune.training.features)."""
         meta = self.meta(config, data, model.gpt.config.context_length)
-        encoded = {split: encode_pairs(data[split], meta) for split in ("train", "val")}
-        return Setup(encoded["train"], encoded["val"], PairCollate(), RewardTask(), meta)
+        sides: dict[str, Examples] = {}
+        for split in ("train", "val"):
+            sides[f"{split}/chosen"], sides[f"{split}/rejected"] = encode_sides(data[split], meta)
+        texts: Callable[[list], dict] = Collate.for_pool(config.model.pool, meta["max_length"])
+        cached: dict[str, CachedFeatures] = {}
+        if config.train.cache_features:
+            batch_size = config.train.eval_batch_size or config.train.batch_size
+            cached = cache_splits(model, sides, texts, batch_size, accelerator, quiet)
+        if cached:
+            sides, texts = dict(cached), CollateFeatures(next(iter(cached.values())).start)
+        pairs = {split: paired(sides[f"{split}/chosen"], sides[f"{split}/rejected"]) for split in ("train", "val")}
+        reuse = {"cached": cached}
+        return Setup(pairs["train"], pairs["val"], PairCollate(texts), RewardTask(), meta, reuse=reuse)
 
     def evaluate(self, config, data, model, meta, splits, accelerator, reuse) -> dict:
+        """Features cached in training serve its splits at the end (the layers below them stay frozen)."""
+        cached = reuse.get("cached") or {}
         batch_size = config.train.eval_batch_size or config.train.batch_size
-        inputs = {split: (encode_pairs(data[split], meta), PairCollate()) for split in splits if data.get(split)}
+        inputs = {}
+        for split in (s for s in splits if data.get(s)):
+            if f"{split}/chosen" in cached:
+                chosen, rejected = cached[f"{split}/chosen"], cached[f"{split}/rejected"]
+                texts: Callable[[list], dict] = CollateFeatures(chosen.start)
+            else:
+                chosen, rejected = encode_sides(data[split], meta)
+                texts = Collate.for_pool(meta["pool"], meta["max_length"])
+            inputs[split] = (paired(chosen, rejected), PairCollate(texts))
         return evaluate_splits(RewardTask(), model, inputs, batch_size, accelerator)
 
     def report(self, out: Path, config, data, metrics: dict, history, model, quiet: bool) -> tuple[dict, list[str]]:
