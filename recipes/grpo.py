@@ -72,6 +72,11 @@ class PromptData(Section):
     prompt_style: str | None = Field(
         None, description="null = the start model's (an instruct or DPO run stores it), else alpaca"
     )
+    packing: bool = Field(
+        False,
+        description="the policy update reads the step's prompt + completion sequences end to end in rows of up to "
+        "the context (positions restart, attention stays within each), not padded to the longest",
+    )
 
 
 class GRPOTrain(TrainSection):
@@ -190,7 +195,7 @@ class GRPO(Recipe[GRPOConfig, Prompts]):
             "max_length": model.config.context_length,
             **interface_meta(data.style, data.generation, config.train.seed),
         }
-        task = GRPOTask(config.grpo, data.rewards, reference, config.train.seed)
+        task = GRPOTask(config.grpo, data.rewards, reference, config.train.seed, config.data.packing)
         return Setup(asked["train"], asked["val"], CollatePrompts(), task, meta)
 
     def evaluate(

@@ -23,6 +23,8 @@ from finetune.recipe_api import (
     adapters_disabled,
     decode,
     get_tokenizer,
+    pack,
+    packed_batch,
     prompt_tokens,
     token_logprobs,
 )
@@ -78,8 +80,17 @@ class GRPOTask:
     """GRPO as a `RolloutTask`: `rollout` samples and scores a step's groups, `loss` is the clipped
     surrogate (TRL's formulas), `evaluate` answers held-out prompts."""
 
-    def __init__(self, settings: GRPOSection, rewards: Rewards, reference: torch.nn.Module | None, seed: int):
-        self.settings, self.rewards, self.seed = settings, rewards, seed
+    def __init__(
+        self,
+        settings: GRPOSection,
+        rewards: Rewards,
+        reference: torch.nn.Module | None,
+        seed: int,
+        packing: bool = False,
+    ):
+        """`packing`: the policy update reads prompt + completion sequences laid end to end in rows of up to
+        the context (finetune.data.packing); the loss sees the same per-token log-probabilities."""
+        self.settings, self.rewards, self.seed, self.packing = settings, rewards, seed, packing
         self.reference = reference  # a frozen copy of the start (full training with beta > 0), or None
         self.updates_per_batch = settings.num_iterations
         self.unit = {"grpo": "completions", "dr_grpo": "completions", "bnpo": "batches", "dapo": "tokens"}[
@@ -143,6 +154,11 @@ class GRPOTask:
             "old_logps": old.to(device),
             "advantages": advantages.to(device),
         }
+        if self.packing:
+            rows = [((p + c)[:-1], t[t != IGNORE].tolist()) for p, c, t in zip(prompts, kept, targets, strict=True)]
+            batch["packed"] = {
+                k: v.to(device) for k, v in packed_sequences(rows, inputs.shape, gpt.config.context_length).items()
+            }
         if s.beta > 0:
             batch["ref_logps"] = self._reference_logps(gpt, batch)
         lengths = [len(c) for c in kept]
@@ -164,10 +180,10 @@ class GRPOTask:
         was_training = model.training
         model.eval()
         if self.reference is not None:
-            found = token_logprobs(self.reference, batch["input_ids"], batch["targets"], self.settings.temperature)
+            found = self.logps(self.reference, batch)
         else:
             with adapters_disabled(model):
-                found = token_logprobs(model, batch["input_ids"], batch["targets"], self.settings.temperature)
+                found = self.logps(model, batch)
         model.train(was_training)
         return found
 
@@ -177,7 +193,7 @@ class GRPOTask:
         """The micro-batch's share of the step's loss, as a sum the trainer divides by the step's count,
         and the step's metrics, each scaled by this batch's count so that the division averages them."""
         terms = grpo_loss(
-            token_logprobs(model, batch["input_ids"], batch["targets"], self.settings.temperature),
+            self.logps(model, batch),
             batch["targets"] != IGNORE,
             batch["advantages"],
             batch["old_logps"] if self.settings.num_iterations > 1 else None,
@@ -192,6 +208,17 @@ class GRPOTask:
         for name, value in batch["metrics"].items():
             out[name] = torch.tensor(value * count, dtype=torch.float64, device=device)
         return out
+
+    def logps(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """`(N, T)` log-probability of each completion token (0 elsewhere), from packed rows when packing."""
+        temperature = self.settings.temperature
+        packed = batch.get("packed")
+        if packed is None:
+            return token_logprobs(model, batch["input_ids"], batch["targets"], temperature)
+        found = token_logprobs(
+            model, packed["input_ids"], packed["targets"], temperature, packed["positions"], packed["segments"]
+        )
+        return torch.where(packed["valid"], found.flatten()[packed["index"]], 0.0)
 
     def count(self, batch: dict) -> int:
         return batch["count"]
@@ -234,6 +261,28 @@ class GRPOTask:
             prompts += len(gathered)
         totals = sums.tolist()
         return {**{n: v / max(prompts, 1) for n, v in zip(names, totals, strict=True)}, "prompts": prompts}
+
+
+def packed_sequences(rows: list[tuple[list[int], list[int]]], shape: torch.Size, context: int) -> dict:
+    """Prompt + completion sequences (inputs, and the completion's targets at the end of them) laid end to end
+    in rows of up to `context` tokens, and where each unpacked position `(N, T)` of `shape` is in them:
+    `index` into the flattened packed rows, `valid` where a completion token is."""
+    lengths = [len(inputs) for inputs, _ in rows]
+    packs = pack(lengths, context)
+    with_targets = [(inputs, [IGNORE] * (len(inputs) - len(t)) + t) for inputs, t in rows]
+    out = packed_batch([[with_targets[i] for i in row] for row in packs])
+    width = out["input_ids"].shape[1]
+    index = torch.zeros(shape, dtype=torch.long)
+    valid = torch.zeros(shape, dtype=torch.bool)
+    for r, row in enumerate(packs):
+        offset = 0
+        for i in row:
+            n_targets = len(rows[i][1])
+            first = lengths[i] - n_targets  # the completion's targets end the sequence
+            index[i, first : lengths[i]] = torch.arange(r * width + offset + first, r * width + offset + lengths[i])
+            valid[i, first : lengths[i]] = True
+            offset += lengths[i]
+    return out | {"index": index, "valid": valid}
 
 
 def grpo_loss(

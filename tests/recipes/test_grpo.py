@@ -96,7 +96,7 @@ def independent_loss(policy, old, reference, asked, completions, settings: GRPOS
     return out
 
 
-def rollout_then_update(settings: GRPOSection, lora: bool = False):
+def rollout_then_update(settings: GRPOSection, lora: bool = False, packing: bool = False):
     """Rollouts of the start, then the policy moved as an update would (noise on its trainable weights);
     returns (policy, the start, the reference, the asked prompts, the completions, the task's loss terms)."""
     start = eager_model()
@@ -110,10 +110,12 @@ def rollout_then_update(settings: GRPOSection, lora: bool = False):
                 if "lora_B" in name:
                     p.normal_(0, 0.05)  # the adapter as a LoRA instruct run leaves it: not zero
     rewards = Rewards([RewardSpec(kind="function", function="tests.recipes.test_grpo:digits_reward")], ["instruction"], "alpaca")
-    task = GRPOTask(settings, rewards, None if lora or not settings.beta else copy.deepcopy(start), seed=0)
+    task = GRPOTask(settings, rewards, None if lora or not settings.beta else copy.deepcopy(start), seed=0, packing=packing)
     asked = ask(prompts(), "alpaca", start, settings)
     torch.manual_seed(1)
     batch = task.rollout(start, [{"asked": asked}])[0]
+    if packing:  # several sequences share each row
+        assert len(batch["packed"]["input_ids"]) < len(batch["targets"]) / 2
     completions = [row[row != -100].tolist() for row in batch["targets"]]
     old = copy.deepcopy(start)
     policy = start
@@ -131,12 +133,13 @@ def rollout_then_update(settings: GRPOSection, lora: bool = False):
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("scale_rewards", [True, False])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
-def test_loss_equals_an_independent_computation(loss_type, scale_rewards, beta, num_iterations):
+def test_loss_equals_an_independent_computation(loss_type, scale_rewards, beta, num_iterations, packing=False):
+    """(Also called with the policy update's sequences packed, data.packing: the same loss from packed rows.)"""
     settings = GRPOSection(
         group_size=G, max_new_tokens=MAX_NEW, temperature=0.9, loss_type=loss_type, scale_rewards=scale_rewards,
         beta=beta, num_iterations=num_iterations, epsilon=0.02, epsilon_high=0.03,
     )
-    policy, old, reference, asked, completions, got = rollout_then_update(settings)
+    policy, old, reference, asked, completions, got = rollout_then_update(settings, packing=packing)
     lengths = [len(c) for c in completions]
     assert len(set(lengths)) > 2 and min(lengths) < MAX_NEW, lengths  # ragged groups, as real ones are
     expected = independent_loss(policy, old, reference, asked, completions, settings)
@@ -150,9 +153,16 @@ def test_loss_equals_an_independent_computation(loss_type, scale_rewards, beta, 
         assert got["kl"] > 1e-4
 
 
-def test_with_lora_the_reference_is_the_policy_with_its_adapters_off():
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_packed_updates_give_the_loss_of_the_independent_computation(loss_type, beta):
+    test_loss_equals_an_independent_computation(loss_type, True, beta, 2, packing=True)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_with_lora_the_reference_is_the_policy_with_its_adapters_off(packing):
     settings = GRPOSection(group_size=G, max_new_tokens=MAX_NEW, beta=0.1, num_iterations=2, temperature=1.0)
-    policy, old, base, asked, completions, got = rollout_then_update(settings, lora=True)
+    policy, old, base, asked, completions, got = rollout_then_update(settings, lora=True, packing=packing)
     expected = independent_loss(policy, old, base, asked, completions, settings)
     for name, value in expected.items():
         assert abs(got[name] - value) < 1e-5, (name, got[name], value)
