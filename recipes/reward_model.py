@@ -47,7 +47,7 @@ from finetune.recipe_api import (
     tokenize,
     truncate,
 )
-from finetune.recipes.dpo import Pair, read_pairs
+from finetune.recipes.preference_pairs import Pair, read_pairs
 from finetune.recipes.text_head import ClassifierModel, HeadTrain, build_head_model, head_outputs
 
 SPLITS = ("train", "val", "test")

@@ -108,9 +108,10 @@ def test_packed_preference_pairs_give_each_response_its_own_log_probability(mean
     """Pairs kept whole, several per row; a pair too long for a row gets a row per response."""
     from finetune.model.losses import sequence_logprobs
     from finetune.recipes.dpo import RECIPE as DPO
-    from finetune.recipes.dpo import Collate as PairCollate
-    from finetune.recipes.dpo import DPOConfig, encode_pairs, packed_pairs
-    from finetune.recipes.dpo import PackedCollate as PackedPairs
+    from finetune.recipes.dpo import DPOConfig
+    from finetune.recipes.preference_pairs import Collate as PairCollate
+    from finetune.recipes.preference_pairs import PackedCollate as PackedPairs
+    from finetune.recipes.preference_pairs import encode_pairs, packed_pairs
 
     from dataclasses import replace
 
