@@ -46,6 +46,7 @@ def files(tmp_path_factory):
         "unknownkey.yaml": "recipe: spam\nmodel:\n  name: gpt2-tiny\n  layers: 3\n",
         "responses.jsonl": '{"instruction": "a", "output": "b"}\n',
         "scored.jsonl": '{"instruction": "a", "output": "b", "response": "c"}\n',
+        "noresponse.jsonl": '{"instruction": "a", "output": "b"}\n',
         "config.json": "{}",
     }
     tickets = "body,team\n" + "".join(f'"ticket {i}{team},\nline two",{team}\n' for i in range(4) for team in "abc")
@@ -104,6 +105,9 @@ def files(tmp_path_factory):
     head_only = apply_lora(GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny")), 2), 4, 8, ["head"])
     write_directory(root / "head_lora_ckpt", model_files(head_only, {
         "labels": ["a", "b"], "max_length": 8, "base": {"name": str(root / "lm_ckpt"), "init": "pretrained", "seed": 0}}))
+    reward_model = GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny")), 1)
+    write_directory(root / "reward_ckpt", model_files(reward_model, {
+        "labels": ["reward"], "problem_type": "reward", "prompt_style": "alpaca", "max_length": 8, "keep": "start"}))
     (root / "norun").mkdir()
     (root / "norun" / "config.yaml").write_text("recipe: spam\n")
     return root
@@ -344,6 +348,13 @@ CASES = [
     ("reward-classifier-start", lambda o, d, f: reward(o, f"model.name={o}", "model.init=pretrained"), "is a classifier"),
     ("score-reward-model-not-one", lambda o, d, f: ["score", str(f / "scored.jsonl"), "--reward-model", str(o)],
      "not a reward model"),
+    ("classify-response-not-reward", lambda o, d, f: ["classify", str(o), "--text", "hi", "--response", "x"],
+     "is not a reward model; --response"),
+    ("classify-reward-without-response", lambda o, d, f: ["classify", str(f / "reward_ckpt"), "--text", "hi"],
+     "give one --response per --text (got 0 for 1)"),
+    ("predict-reward-without-response", lambda o, d, f: ["predict", str(f / "reward_ckpt"), "--data",
+                                                         str(f / "noresponse.jsonl"), "--out", str(f / "r.csv")],
+     "noresponse.jsonl: no column 'response'"),
     ("score-missing-field", lambda o, d, f: ["score", str(f / "responses.jsonl")], "responses.jsonl:1: missing string field 'response'"),
     ("score-judge-half", lambda o, d, f: ["score", str(f / "responses.jsonl"), "--judge-url", "http://127.0.0.1:1/api/chat"], "go together"),
 ]

@@ -219,8 +219,6 @@ def create_app(
             raise APIError(
                 400, "input: objects with instruction and response are for reward models; send texts", "input"
             )
-        if exchanged and len(exchanged) != len(items):
-            raise APIError(400, "input: all texts or all {instruction, response} objects, not both", "input")
         texts = [item for item in items if isinstance(item, str)] or exchanges(
             served.meta,
             [e.instruction for e in exchanged],

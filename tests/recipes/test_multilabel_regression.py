@@ -4,7 +4,6 @@ exports, transformers' pipeline) answers in the task's shape with the same numbe
 feature cache work with label vectors and numbers."""
 
 import json
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -128,14 +127,14 @@ def served(loaded, texts):
 
 
 @pytest.mark.parametrize("name", RUNS)
-def test_classify_predict_and_serve_answer_in_the_tasks_shape(runs, name, tmp_path):
+def test_classify_predict_and_serve_answer_in_the_tasks_shape(runs, name, tmp_path, capsys):
     run = runs / name
     texts, _ = split_of(run, name)
     texts = texts[:6]
     loaded = load_classifier(str(run))
     expected = predict(loaded.classifier_model, loaded.meta, texts)
-    argv = ["classify", str(run), *[arg for t in texts for arg in ("--text", t)]]
-    printed = subprocess.run(["finetune", *argv], capture_output=True, text=True, check=True).stdout
+    code, printed, err = cli(capsys, "classify", str(run), *[arg for t in texts for arg in ("--text", t)])
+    assert code == 0, err
     lines = printed.splitlines()
     assert len(lines) == len(texts)
     field = "text" if name == "multilabel" else "instruction"

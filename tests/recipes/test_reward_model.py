@@ -3,8 +3,6 @@ computation, better than chance on held-out pairs, and used everywhere a reward 
 predict, score, serve, the transformers export and its pipeline, GRPO)."""
 
 import json
-import subprocess
-import urllib.request
 
 import pandas as pd
 import pytest
@@ -64,16 +62,18 @@ def test_the_text_scored_is_the_prompt_in_the_models_style_then_the_response(run
     assert exchanges(meta, ["Say hi."], [""], ["Hi."]) == [format_prompt("alpaca", "Say hi.") + "Hi."]
 
 
-def test_classify_predict_score_and_serve_give_the_same_rewards(run, tmp_path):
+def test_classify_predict_score_and_serve_give_the_same_rewards(run, tmp_path, capsys):
     from tests.recipes.test_multilabel_regression import served
 
     pairs = held_out(run)[:5]
     loaded = load_classifier(str(run))
     chosen, rejected = rewards_of(loaded, pairs, "chosen"), rewards_of(loaded, pairs, "rejected")
-    argv = ["finetune", "classify", str(run)]
+    argv = ["classify", str(run)]
     for p in pairs:
         argv += ["--text", p.record.instruction, "--response", p.chosen]
-    printed = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    printed = out.splitlines()
     without_input = [p for p in pairs if not p.record.input]  # classify asks with the instruction alone
     assert without_input
     for line, p, value in zip(printed, pairs, chosen):

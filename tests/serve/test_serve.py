@@ -36,13 +36,19 @@ def free_port() -> int:
 
 
 class Running:
-    """A server in a thread of this process, on a free port of 127.0.0.1."""
+    """A server in a thread of this process, on a free port of 127.0.0.1.
+
+    It leaves the process's logging as it is (`log_config=None`): uvicorn's own config runs
+    `logging.config.dictConfig`, which closes every existing handler, and absl's (imported with rouge-score
+    by any run) then closes its stream unless that is the current sys.stderr; under `capsys` it is not, and
+    pytest's capture buffer was closed under it."""
 
     def __init__(self, app) -> None:
         import uvicorn
 
         port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -434,6 +440,30 @@ def test_classification_endpoint(classifier, lm):
         assert row["label"] == meta["labels"][int(p.argmax())]
     assert post(running.url, "/v1/completions", {"prompt": "x"})[0] == 400
     assert post(running.url, "/v1/classify", {"input": ["ok", " "]})[1]["error"]["message"].startswith("input[1]")
+    code, reply = post(running.url, "/v1/classify", {"input": [{"instruction": "a", "response": "b"}]})
+    assert code == 400 and "for reward models" in reply["error"]["message"]  # not a reward model: refused
+
+
+def test_a_reward_model_scores_instruction_response_objects_and_refuses_a_mixed_list():
+    from finetune.data.prompts import format_exchange
+    from finetune.inference.predict import predict
+
+    torch.manual_seed(3)
+    model = GPTClassifier(GPT(GPTConfig.from_preset("gpt2-tiny")), 1).eval()
+    meta = {**model.checkpoint_meta(), "labels": ["reward"], "max_length": 64, "keep": "start",
+            "problem_type": "reward", "prompt_style": "alpaca"}
+    running = Running(create_app(Loaded.of(model, meta, "rm")))
+    try:
+        code, reply = post(running.url, "/v1/classify", {"input": [{"instruction": "Say hi.", "response": "Hi!"}]})
+        assert code == 200
+        expected = predict(model, meta, [format_exchange("alpaca", "Say hi.", "", "Hi!")]).values[0, 0].item()
+        assert reply["data"][0]["reward"] == pytest.approx(expected, abs=1e-6)
+        code, reply = post(running.url, "/v1/classify", {"input": ["text", {"instruction": "a", "response": "b"}]})
+        assert code == 400 and reply["error"]["param"].startswith("input")  # texts or objects, not both
+        code, reply = post(running.url, "/v1/classify", {"input": [{"instruction": "a"}]})
+        assert code == 400  # no response: the request's shape is refused
+    finally:
+        running.close()
 
 
 def test_load_with_bad_requests_mixed_in(lm):
