@@ -60,11 +60,25 @@ SMS_TAGS = BundledFile(
     "make_sms_tags.py beside it (which rewrites it byte for byte from the SMS Spam Collection)",
     "the bundled SMS tags",
 )
+CONVERSATIONS = BundledFile(
+    "conversations/conversations.jsonl",
+    "a4bca3beb5901f7106a6bc132c19364f0a3414eb9e058c383f0dfc0d43f81248",
+    "make_conversations.py beside it (which rewrites it byte for byte from the bundled instruction data)",
+    "the bundled conversations",
+)
+CONVERSATIONS_SHAREGPT = BundledFile(
+    "conversations/conversations-sharegpt.json",
+    "10c230dfcf547d17d77ccaca50e06179f5b022ed96100bfb8d2ffd7a44f89885",
+    "make_conversations.py beside it (which rewrites it byte for byte from the bundled instruction data)",
+    "the bundled conversations (ShareGPT)",
+)
 NAMED = {
     "instructions": INSTRUCTIONS,
     "preferences": PREFERENCES,
     "arithmetic": ARITHMETIC,
     "sms-tags": SMS_TAGS,
+    "conversations": CONVERSATIONS,
+    "conversations-sharegpt": CONVERSATIONS_SHAREGPT,
 }
 PREFIX = "bundled:"
 

@@ -27,6 +27,14 @@ from finetune.config import (
 )
 from finetune.data.classification_inputs import Collate, Encoded, Example, by_length, tokenize, truncate
 from finetune.data.classification_inputs import encode as encode_examples
+from finetune.data.conversations import (
+    Conversation,
+    ConversationTokens,
+    Screening,
+    encode_screened,
+    message_text,
+    read_conversations,
+)
 from finetune.data.corpus import (
     Corpus,
     TextFormat,
@@ -38,7 +46,7 @@ from finetune.data.corpus import (
 )
 from finetune.data.files import read_json_object, read_text
 from finetune.data.packing import Row, pack, packed_batch
-from finetune.data.prompts import check_style
+from finetune.data.prompts import can_converse, check_style, stop_strings
 from finetune.data.records import Record, read_fields, read_records, split_records
 from finetune.data.tables import Format, Table, read_table
 from finetune.errors import UserError
@@ -50,7 +58,7 @@ from finetune.formats.loading import build_model, stored_meta
 from finetune.inference.generate import Decoded, decode, generate
 from finetune.inference.loading import load_classifier
 from finetune.inference.predict import exchanges, predict
-from finetune.inference.respond import prompt_tokens, respond, write_responses
+from finetune.inference.respond import prompt_tokens, reply, respond, write_responses
 from finetune.model.classifier import GPTClassifier
 from finetune.model.gpt import GPT, GPTConfig
 from finetune.model.lora import adapters_disabled, lora_layers, merged_model
@@ -94,12 +102,20 @@ __all__ = [
     "Generation",
     "interface_meta",
     "check_style",
+    "can_converse",
+    "stop_strings",
     # data: tables and records, texts for a classifier, text corpora
     "read_table",
     "Table",
     "Format",
     "Record",
     "read_records",
+    "read_conversations",
+    "Conversation",
+    "ConversationTokens",
+    "Screening",
+    "encode_screened",
+    "message_text",
     "read_fields",
     "split_records",
     "read_text",
@@ -145,6 +161,7 @@ __all__ = [
     "predict",
     "exchanges",
     "respond",
+    "reply",
     "prompt_tokens",
     "write_responses",
     # files written whole or not at all; metrics and plots

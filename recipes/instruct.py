@@ -123,6 +123,11 @@ class Example:
     ids: list[int]  # prompt + response tokens (no end-of-text yet)
     prompt_length: int
 
+    @property
+    def length(self) -> int:
+        """Positions its training row takes (before cutting to max_length)."""
+        return len(self.ids)
+
 
 class Encoded(list):
     """Examples of one split: (prompt + response ids, prompt length)."""
@@ -166,10 +171,10 @@ class Collate:
 
 class PackedCollate:
     """Batches of packs (lists of records laid end to end in one row): each record's own inputs and targets,
-    as `Collate` makes them, positions restarting per record, attention within it (finetune.data.packing)."""
+    as `records` makes them, positions restarting per record, attention within it (finetune.data.packing)."""
 
-    def __init__(self, max_length: int, mask_prompt: bool = False) -> None:
-        self.records = Collate(max_length, mask_prompt)
+    def __init__(self, records: Collate) -> None:
+        self.records = records
 
     def __call__(self, batch: list[list[Example]]) -> dict[str, Any]:
         out: dict[str, Any] = packed_batch([[self.records.row(e) for e in pack] for pack in batch])
@@ -177,12 +182,12 @@ class PackedCollate:
         return out
 
 
-def packed(examples: Encoded, max_length: int) -> list[list[Example]]:
-    """The records in rows of up to `max_length` tokens (first fit, longest first)."""
-    return [[examples[i] for i in row] for row in pack([min(len(e.ids), max_length) for e in examples], max_length)]
+def packed(examples: list, max_length: int) -> list[list]:
+    """The records (each with a `length`) in rows of up to `max_length` tokens (first fit, longest first)."""
+    return [[examples[i] for i in row] for row in pack([min(e.length, max_length) for e in examples], max_length)]
 
 
-def trained_tokens(examples: Encoded, collate: Collate) -> tuple[int, int]:
+def trained_tokens(examples: list, collate: Collate) -> tuple[int, int]:
     """(target tokens trained on, target positions masked) over a split."""
     trained = total = 0
     for e in examples:
@@ -212,7 +217,7 @@ class Instruct(Recipe[InstructConfig, dict]):
         train: Examples = encoded["train"]
         val: Examples = encoded["val"]
         if config.data.packing:  # validation records one per row, so they read as unpacked ones do
-            collate = PackedCollate(max_length, config.data.mask_prompt)
+            collate = PackedCollate(Collate(max_length, config.data.mask_prompt))
             train, val = packed(encoded["train"], max_length), [[e] for e in encoded["val"]]
         if accelerator.is_main_process:
             tqdm.write(

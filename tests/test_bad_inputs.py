@@ -72,6 +72,12 @@ def files(tmp_path_factory):
         "scores_missing.csv": "text,score\n" + "".join(f"t{i},{i}\n" for i in range(5)) + "t5,\n",
         "scores_constant.csv": "text,score\n" + "".join(f"t{i},3\n" for i in range(12)),
         "pairs_one_side.jsonl": '{"instruction": "a", "chosen": "b", "rejected": "c"}\n{"instruction": "d", "chosen": "e"}\n',
+        # conversations
+        "chats_tool.jsonl": '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+                            '{"messages": [{"role": "tool", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
+        "chats_none.jsonl": '{"messages": [{"role": "user", "content": "a"}]}\n',
+        "chats_nocolumn.jsonl": '{"dialog": [{"role": "user", "content": "a"}]}\n',
+        "template.jinja": "{% for message in messages %}{{ message.content }{% endfor %}",
     })
     for name, text in contents.items():
         (root / name).write_text(text)
@@ -153,6 +159,10 @@ def classification(out, data, *extra):
 def instruct(out, data):
     return ["run", "instruct", "--quiet", "--config", "instruct_tiny", f"output_dir={out}",
             "overwrite=true", f"data.path={data}"]
+
+
+def chat(out, *extra):
+    return ["run", "chat", "--quiet", "--config", "chat_tiny", f"output_dir={out}", "overwrite=true", *extra]
 
 
 def grpo(out, *extra):
@@ -355,6 +365,17 @@ CASES = [
     ("predict-reward-without-response", lambda o, d, f: ["predict", str(f / "reward_ckpt"), "--data",
                                                          str(f / "noresponse.jsonl"), "--out", str(f / "r.csv")],
      "noresponse.jsonl: no column 'response'"),
+    # conversations: refused before any model is built
+    ("chat-strict-unknown-role", lambda o, d, f: chat(o, f"data.path={f / 'chats_tool.jsonl'}", "data.strict=true"),
+     "chats_tool.jsonl:2: a message with a role other than system, user or assistant"),
+    ("chat-nothing-to-train", lambda o, d, f: chat(o, f"data.path={f / 'chats_none.jsonl'}"),
+     "no conversation can be trained on (skipped 1 conversation(s) with no assistant message to train on"),
+    ("chat-no-messages-column", lambda o, d, f: chat(o, f"data.path={f / 'chats_nocolumn.jsonl'}"),
+     "no 'messages' column of conversations (columns: dialog)"),
+    ("chat-one-turn-format", lambda o, d, f: chat(o, "data.chat_format=plain"), "'plain' holds one turn"),
+    ("chat-broken-jinja", lambda o, d, f: chat(o, f"data.chat_format={f / 'template.jinja'}"), "not a valid Jinja template"),
+    ("chat-system-one-turn-style", lambda o, d, f: ["chat", str(f / "lm_ckpt"), "--prompt-style", "plain", "--system", "x"],
+     "holds no system message"),
     ("score-missing-field", lambda o, d, f: ["score", str(f / "responses.jsonl")], "responses.jsonl:1: missing string field 'response'"),
     ("score-judge-half", lambda o, d, f: ["score", str(f / "responses.jsonl"), "--judge-url", "http://127.0.0.1:1/api/chat"], "go together"),
 ]

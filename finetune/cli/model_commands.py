@@ -30,9 +30,10 @@ def add_commands(commands) -> None:
     gen.add_argument("--bf16", action="store_true", help=BF16_HELP)
     gen.set_defaults(func=run_generate)
 
-    chat = commands.add_parser("chat", help="talk to an instruction-tuned model, one instruction per line")
+    chat = commands.add_parser("chat", help="talk to an instruction-tuned or chat model, one message per line")
     chat.add_argument("model", help=MODEL_HELP)
     chat.add_argument("--prompt-style", help=STYLE_HELP + " (default here: alpaca)")
+    chat.add_argument("--system", help="a system message opening the conversation (a chat format's)")
     chat.add_argument("--bf16", action="store_true", help=BF16_HELP)
     chat.set_defaults(func=run_chat)
 
@@ -161,12 +162,25 @@ def _instruction_model(args: argparse.Namespace, command: str):
 
 
 def run_chat(args: argparse.Namespace) -> None:
-    from finetune.data.prompts import split_user_text
-    from finetune.data.records import Record
-    from finetune.inference.respond import respond
+    """A conversation: each answer is to everything said so far, in the model's chat format (one instruction at a
+    time for a style that holds one turn); /reset starts again."""
+    from finetune.data.jinja_templates import CannotExpress
+    from finetune.data.prompts import can_converse, split_user_text, user_message
+    from finetune.inference.respond import reply
 
     loaded = _instruction_model(args, "chat")
-    print("Type an instruction (optionally 'instruction || input'); an empty line or Ctrl-D quits.", file=sys.stderr)
+    style = loaded.interface.prompt_style
+    turns = can_converse(style)
+    if args.system and not turns:
+        raise UserError(f"--system: the prompt style {style!r} holds no system message; use a chat format")
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    print(
+        "Type a message (optionally 'instruction || input'); "
+        + ("/reset starts a new conversation; " if turns else "each is answered on its own; ")
+        + "an empty line or Ctrl-D quits.",
+        file=sys.stderr,
+    )
+    messages = list(opening)
     while True:
         try:
             line = input("> ").strip()
@@ -174,11 +188,18 @@ def run_chat(args: argparse.Namespace) -> None:
             break
         if not line:
             break
+        if line == "/reset":
+            messages = list(opening)
+            print("(a new conversation)", file=sys.stderr)
+            continue
+        asked = [*(messages if turns else []), user_message(*split_user_text(line))]
         try:
-            record = Record(*split_user_text(line))
-            print(respond(loaded.model, [record], loaded.interface.prompt_style, loaded.interface.generation)[0])
-        except UserError as e:  # a too-long prompt ends this turn, not the session
-            print(f"finetune: error: {e}", file=sys.stderr)
+            answer = reply(loaded.model, [asked], style, loaded.interface.generation)[0]
+        except (UserError, CannotExpress) as e:  # a conversation too long for the context ends this turn only
+            print(f"finetune: error: {e}" + ("; /reset starts a new conversation" if turns else ""), file=sys.stderr)
+            continue
+        print(answer)
+        messages = [*asked, {"role": "assistant", "content": answer}]
 
 
 def run_respond(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from finetune.checkpoints.interface import interface_of
-from finetune.data.prompts import chat_template, template
+from finetune.data.prompts import chat_template, is_jinja, stop_strings, template
 from finetune.errors import UserError
 from finetune.model.gpt import GPT
 from finetune.model.tokenizer import ASSETS, EOT, EOT_ID
@@ -137,11 +137,13 @@ def modelfile(meta: dict, gguf_name: str = GGUF_FILE) -> str:
     interface = interface_of(meta)
     g = interface.generation
     lines = [f"FROM ./{gguf_name}"]
-    if interface.prompt_style:
+    if interface.prompt_style and is_jinja(interface.prompt_style):
+        lines.append("# TEMPLATE: the model's own Jinja chat template is in model.gguf; Ollama needs it in Go's syntax")
+    elif interface.prompt_style:
         lines.append(f'TEMPLATE """{ollama_template(interface.prompt_style)}"""')
     else:
         lines.append('TEMPLATE """{{ .Prompt }}"""')
-    for stop in [EOT, *g.stop]:
+    for stop in dict.fromkeys([EOT, *g.stop, *stop_strings(interface.prompt_style)]):
         lines.append(f"PARAMETER stop {json.dumps(stop)}")
     lines += [
         f"PARAMETER temperature {g.temperature:g}",

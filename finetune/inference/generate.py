@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from finetune.errors import UserError
 from finetune.model.gpt import GPT, KVCache
+from finetune.model.tokenizer import get_tokenizer
 
 # Temperatures below this decode greedily, as vLLM does: dividing logits by a temperature near zero
 # overflows to inf (1e-45 does), and sampling from that distribution is argmax anyway.
@@ -45,6 +47,7 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    stop: Sequence[str] = (),
 ) -> torch.Tensor | list[list[int]]:
     """Prompt + up to `max_new_tokens` new tokens.
 
@@ -52,8 +55,9 @@ def generate(
     internally). Every row gets the same n <= max_new_tokens new tokens, rows that hit `eos_id` early
     padded with it: a `(B, T + n)` tensor, or a list of lists (prompt + n) for list prompts. Greedy when
     `temperature` is 0 (or below GREEDY_BELOW). Prompts longer than the context keep their last tokens, with a warning.
+    A row whose new text holds one of the `stop` strings ends there too (its text still holds the string).
     """
-    decoded = decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache)
+    decoded = decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache, stop)
     return decoded.tokens if isinstance(idx, torch.Tensor) else decoded.rows()
 
 
@@ -68,6 +72,7 @@ def decode(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    stop: Sequence[str] = (),
 ) -> Decoded:
     """`generate`'s decoding, keeping each new token's log-probability under the model's distribution
     at `temperature` (logits / temperature, before top-k/top-p; the raw logits when greedy): what a
@@ -120,11 +125,25 @@ def decode(
         positions = torch.cat([positions, next_position], dim=1)
         key_mask = torch.cat([key_mask, torch.ones_like(next_position)], dim=1)
         step_input, step_positions = next_token[:, None], next_position
+        if stop and eos_id is not None:
+            finished |= _stopped(tokens[:, T:], finished, stop)
         if finished.all():
             break
     model.train(was_training)
     new = torch.stack(logprobs, dim=1) if logprobs else torch.zeros(B, 0, device=device)
     return Decoded(tokens, new, prompts)
+
+
+def _stopped(new: torch.Tensor, finished: torch.Tensor, stop: Sequence[str]) -> torch.Tensor:
+    """Rows whose new tokens end in text holding a stop string (only the last tokens that could hold one are
+    decoded: a token is at least one byte, a character at most four)."""
+    window = 4 * max(len(s) for s in stop)
+    tokenizer = get_tokenizer()
+    hit = torch.zeros_like(finished)
+    for b in (~finished).nonzero().flatten().tolist():
+        tail = tokenizer.decode(new[b, -window:].tolist(), errors="ignore")
+        hit[b] = any(s in tail for s in stop)
+    return hit
 
 
 def _prompts(idx: torch.Tensor | list[list[int]]) -> list[list[int]]:

@@ -12,11 +12,12 @@ import torch
 
 from finetune.checkpoints.atomic import write_text_atomic
 from finetune.checkpoints.interface import Generation
-from finetune.data.prompts import format_prompt
+from finetune.data.jinja_templates import Message
+from finetune.data.prompts import format_conversation, format_prompt, stop_strings
 from finetune.data.records import Record
 from finetune.errors import UserError
 from finetune.inference.generate import generate
-from finetune.model.tokenizer import EOT_ID, get_tokenizer
+from finetune.model.tokenizer import EOT_ID, encode, get_tokenizer
 from finetune.progress import progress
 
 
@@ -25,25 +26,52 @@ def prompt_tokens(record: Record, style: str) -> list[int]:
     return get_tokenizer().encode_ordinary(format_prompt(style, record.instruction, record.input))
 
 
+def conversation_tokens(messages: list[Message], style: str) -> list[int]:
+    """A conversation in the style, ending with the generation prompt of the assistant's next turn, tokenized
+    whole (as transformers tokenizes `apply_chat_template`); CannotExpress when the style cannot hold it."""
+    return encode(format_conversation(style, messages))
+
+
 def respond(model, records: list[Record], style: str, generation: Generation) -> list[str]:
     """Responses to records, batched through the KV-cache generator, each ended at end-of-text or at
     the first stop string."""
-    tokenizer = get_tokenizer()
     prompts = [prompt_tokens(r, style) for r in records]
+    return answer(model, prompts, style, generation, [f"instruction {r.instruction[:40]!r}…" for r in records])
+
+
+def reply(model, conversations: list[list[Message]], style: str, generation: Generation) -> list[str]:
+    """The assistant's next turn in each conversation (the last message is the user's)."""
+    prompts = [conversation_tokens(messages, style) for messages in conversations]
+    names = [f"a conversation of {len(messages)} messages" for messages in conversations]
+    return answer(model, prompts, style, generation, names)
+
+
+def answer(model, prompts: list[list[int]], style: str, generation: Generation, names: list[str]) -> list[str]:
+    """Texts generated after each prompt, ended at end-of-text or the first stop string (the model's and its
+    style's end marker); `names` say which prompt is too long for the context."""
+    tokenizer = get_tokenizer()
     context = model.config.context_length
-    for record, prompt in zip(records, prompts, strict=True):
+    for name, prompt in zip(names, prompts, strict=True):
         if len(prompt) >= context:
             raise UserError(
-                f"prompt of {len(prompt)} tokens does not fit the context of {context} "
-                f"(instruction {record.instruction[:40]!r}…); shorten it"
+                f"prompt of {len(prompt)} tokens does not fit the context of {context} ({name}); shorten it"
             )
+    stop = [*generation.stop, *(s for s in stop_strings(style) if s not in generation.stop)]
     budget = min(generation.max_new_tokens, context - max(len(p) for p in prompts))
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(generation.seed)
     out = generate(
-        model, prompts, budget, generation.temperature, generation.top_k, generation.top_p, EOT_ID, generator
+        model,
+        prompts,
+        budget,
+        generation.temperature,
+        generation.top_k,
+        generation.top_p,
+        EOT_ID,
+        generator,
+        stop=stop,
     )
     texts = [tokenizer.decode([t for t in row[len(p) :] if t != EOT_ID]) for row, p in zip(out, prompts, strict=True)]
-    return [cut_at_stop(text, generation.stop).strip() for text in texts]
+    return [cut_at_stop(text, stop).strip() for text in texts]
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -30,12 +30,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finetune.checkpoints.interface import REWARD
-from finetune.data.records import Record
+from finetune.data.jinja_templates import CannotExpress
+from finetune.data.prompts import can_converse, stop_strings
 from finetune.errors import UserError
 from finetune.inference.engine import Engine
 from finetune.inference.loading import Loaded, load_for_use
 from finetune.inference.predict import exchanges, predict
-from finetune.inference.respond import prompt_tokens
+from finetune.inference.respond import conversation_tokens
 from finetune.model.classifier import GPTClassifier
 from finetune.model.gpt import GPT
 from finetune.model.tokenizer import encode, get_tokenizer
@@ -136,8 +137,9 @@ def create_app(
             "owned_by": "finetune",
             "task": "text-classification" if served.classifier else "text-generation",
             "context_length": context,
-            "prompt_style": served.interface.prompt_style,
-        }  # null: messages are continued as text
+            "prompt_style": served.interface.prompt_style,  # null: messages are continued as text
+            "multi_turn": served.interface.prompt_style is not None and can_converse(served.interface.prompt_style),
+        }
         if served.classifier:
             card |= {"labels": served.meta["labels"], "problem_type": served.interface.problem_type}
             if "thresholds" in served.meta:
@@ -186,7 +188,8 @@ def create_app(
         max_tokens = limit if limit is not None else min(reply_tokens, context - len(tokens))
         _fits(tokens, max_tokens, context, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         run = Run(lm, [tokens], max_tokens, body, None, False)
-        stops = body.stops + [s for s in served.interface.generation.stop if s not in body.stops]
+        model_stops = [*served.interface.generation.stop, *stop_strings(served.interface.prompt_style)]
+        stops = body.stops + [s for s in dict.fromkeys(model_stops) if s not in body.stops]
         choice = ChatChoice(stops, strip=instruct)
         reply = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -297,15 +300,33 @@ def _fits(tokens: list[int], max_tokens: int, context: int, field: str = "max_to
 
 
 def _chat_prompt(body: ChatRequest, style: str | None) -> list[int]:
-    """The last user message: in the model's prompt style (its text parts the instruction and its input,
-    as the exported chat template reads them), or, for a model trained on no style, as text to continue."""
-    user = next((m for m in reversed(body.messages) if m.role == "user"), None)
-    if user is None or not user.text().strip():
-        raise APIError(400, "messages: no user message with text", "messages")
+    """The whole conversation in the model's chat format (a `developer` message is a system one), ending with the
+    generation prompt of the assistant's turn; for a model trained on no style, one user message, continued as
+    text. What the format cannot hold is a 400 that says why, never a message dropped."""
+    messages = body.messages
+    if messages[-1].role != "user" or not messages[-1].text().strip():
+        raise APIError(400, "messages: the last message must be the user's, with text", "messages")
     if style is None:
-        return encode(user.text())
-    parts = [user.content] if isinstance(user.content, str) else [part.text for part in user.content]
-    return prompt_tokens(Record(parts[0], parts[1] if len(parts) > 1 else ""), style)
+        if len(messages) > 1:
+            raise APIError(
+                400,
+                "messages: this model has no chat format (it continues text); send one user message, or serve it "
+                "with --prompt-style",
+                "messages",
+            )
+        return encode(messages[0].text())
+    conversation = [
+        {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.content if isinstance(m.content, str) else [part.model_dump() for part in m.content],
+        }
+        for m in messages
+    ]
+    try:
+        return conversation_tokens(conversation, style)
+    except CannotExpress as e:
+        message = f"messages: the model's chat format cannot hold this conversation: {e}"
+        raise APIError(400, message, "messages") from None
 
 
 def is_loopback(host: str) -> bool:

@@ -61,7 +61,7 @@ def test_an_exports_chat_template_renders_the_prompt_the_run_trained_on(tmp_path
     records = [r for r in bundled_records(60) if r["input"]][:5] + [r for r in bundled_records(60) if not r["input"]][:5]
     for r in records:
         parts = [{"type": "text", "text": r["instruction"]}] + ([{"type": "text", "text": r["input"]}] if r["input"] else [])
-        messages = [{"role": "system", "content": "ignored"}, {"role": "user", "content": parts}]
+        messages = [{"role": "user", "content": parts}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert text == format_prompt(style, r["instruction"], r["input"])
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)

@@ -165,3 +165,21 @@ def test_sample_is_repeatable_from_a_seed_and_batched_rows_are_independent():
     a = sample(probs, torch.Generator().manual_seed(5))
     b = sample(probs, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and len(set(a.tolist())) == 4
+
+
+def test_a_stop_string_ends_its_row_where_the_string_is_complete(models):
+    """A row stops after the token that completes a stop string (then end-of-text), whatever the tokens it spans;
+    a row whose text never holds it runs on as without stop strings."""
+    from finetune.model.tokenizer import EOT_ID, get_tokenizer
+
+    ours, _ = models
+    decode = get_tokenizer().decode
+    prompts = [[464, 3290, 318], [40, 588]]
+    free = [row[len(p):] for row, p in zip(generate(ours, prompts, 24, eos_id=EOT_ID), prompts)]
+    k = next(k for k in range(4, 20) if decode(free[0][k:k + 2]).strip().isascii() and decode(free[0][k:k + 2]).strip())
+    stop = decode(free[0][k:k + 2]).strip()[-3:]  # may end inside a token, and spans two at most
+    assert stop not in decode(free[1])
+    ended = next(n for n in range(1, 25) if stop in decode(free[0][:n]))
+    stopped = [row[len(p):] for row, p in zip(generate(ours, prompts, 24, eos_id=EOT_ID, stop=[stop]), prompts)]
+    assert stopped[0][:ended] == free[0][:ended] and set(stopped[0][ended:]) <= {EOT_ID}
+    assert stopped[1] == free[1][: len(stopped[1])] and len(stopped[1]) == len(free[1])

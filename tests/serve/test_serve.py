@@ -168,8 +168,7 @@ def test_chat_and_streaming(lm):
     api = client(running.url)
     decode = get_tokenizer().decode
     expected = decode(greedy(model, "Hello there", 10))
-    reply = api.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "ignored"},
-                                                                {"role": "user", "content": "Hello there"}],
+    reply = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}],
                                         max_tokens=10, temperature=0)
     assert reply.choices[0].message.content == expected and reply.choices[0].message.role == "assistant"
     chunks = list(api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}],
@@ -220,6 +219,10 @@ BAD = [
     ("penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, None, 400, "presence_penalty"),
     ("empty messages", "/v1/chat/completions", {"messages": []}, None, 400, "messages"),
     ("no user message", "/v1/chat/completions", {"messages": [{"role": "system", "content": "x"}]}, None, 400, "messages"),
+    ("a system message to a model with no chat format", "/v1/chat/completions",
+     {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]}, None, 400, "messages"),
+    ("an assistant message last", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, None, 400, "messages"),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, None, 400, "messages.0.role"),
     ("classify a language model", "/v1/classify", {"input": "x"}, None, 400, "model"),
     ("oversized body", "/v1/completions", None, b'{"prompt": "' + b"x" * (2 << 20) + b'"}', 413, None),
@@ -651,11 +654,12 @@ def test_page_shows_class_probabilities_in_a_real_browser(browser, classifier):
 
 
 def test_chat_with_an_instruct_run_is_what_finetune_respond_answers():
-    """The last user message becomes the Alpaca prompt; the reply is `respond`'s, stripped, as long as
-    the run's generation.max_new_tokens by default."""
+    """The whole conversation, system message included, is rendered in the run's Alpaca format; the reply is
+    `reply`'s (what `finetune chat` answers), stripped, as long as the run's generation.max_new_tokens by default;
+    one user message is what `finetune respond` answers."""
     from finetune.checkpoints.interface import Generation, interface_meta
     from finetune.data.records import Record
-    from finetune.inference.respond import respond
+    from finetune.inference.respond import reply, respond
 
     model = tiny_lm(seed=4)
     generation = Generation(max_new_tokens=24)
@@ -664,10 +668,12 @@ def test_chat_with_an_instruct_run_is_what_finetune_respond_answers():
     try:
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
                     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Rewrite: the cake was ate."}]
-        reply = client(running.url).chat.completions.create(model="instruct", messages=messages, temperature=0)
-        expected = respond(model, [Record("Rewrite: the cake was ate.")], "alpaca", generation)[0]
-        assert reply.choices[0].message.content == expected
-        assert reply.usage.completion_tokens <= 24
+        answer = client(running.url).chat.completions.create(model="instruct", messages=messages, temperature=0)
+        expected = reply(model, [messages], "alpaca", generation)[0]
+        assert answer.choices[0].message.content == expected
+        assert answer.usage.completion_tokens <= 24
+        alone = reply(model, [messages[-1:]], "alpaca", generation)[0]
+        assert alone == respond(model, [Record("Rewrite: the cake was ate.")], "alpaca", generation)[0] != expected
         streamed = "".join(c.choices[0].delta.content or "" for c in client(running.url).chat.completions.create(
             model="instruct", messages=messages, temperature=0, stream=True))
         assert streamed.strip() == expected and not streamed.startswith((" ", "\n"))

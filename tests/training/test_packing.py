@@ -60,7 +60,7 @@ def instruct_examples(n=40, mask_prompt=False):
 def test_packed_batches_give_every_records_loss_and_the_same_loss_per_target(mask_prompt):
     model = tiny_model(3)
     examples = instruct_examples(mask_prompt=mask_prompt)
-    plain, packing = Collate(256, mask_prompt), PackedCollate(256, mask_prompt)
+    plain, packing = Collate(256, mask_prompt), PackedCollate(Collate(256, mask_prompt))
     with torch.no_grad():
         alone = []
         for e in examples:
