@@ -174,7 +174,8 @@ def test_respond_and_chat_answer_as_the_run_did_whatever_form_the_model_takes(tr
         assert code == 0, err
         assert [r["response"] for r in expected_replies_at(out)] == [r["response"] for r in expected], form
 
-        lines = iter([f"{r['instruction']} || {r['input']}" if r["input"] else r["instruction"] for r in expected])
+        asked = [f"{r['instruction']} || {r['input']}" if r["input"] else r["instruction"] for r in expected]
+        lines = iter([line for question in asked for line in (question, "/reset")])  # chat keeps a conversation
         monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines, ""))
         code, printed, err = cli(capsys, "chat", str(target))
         assert code == 0, err

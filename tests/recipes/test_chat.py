@@ -22,7 +22,7 @@ from finetune.cli import main
 from finetune.data.conversations import Screening, encode_conversation, encode_screened, read_conversations
 from finetune.data.prompts import chat_template, format_conversation, format_prompt, user_message
 from finetune.formats.loading import load_with_meta
-from finetune.inference.respond import reply
+from finetune.inference.respond import conversation_tokens, reply
 from finetune.model.gpt import GPT, GPTConfig
 from finetune.model.tokenizer import get_tokenizer
 from finetune.serve.app import create_app
@@ -241,6 +241,7 @@ def test_a_multi_turn_conversation_gets_one_answer_everywhere(chat_run, monkeypa
     answer = llm.create_chat_completion(messages, temperature=0.0, top_k=1, max_tokens=generation.max_new_tokens,
                                         stop=generation.stop)
     assert answer["choices"][0]["message"]["content"].strip() == ours
+    assert answer["usage"]["prompt_tokens"] == len(conversation_tokens(messages, style))  # the same prompt
 
 
 def test_the_server_refuses_what_the_format_cannot_hold(chat_run):
@@ -275,3 +276,20 @@ def test_a_one_turn_conversation_trains_exactly_as_an_instruct_record(style):
                                                                   style)[0])
         messages = [user_message(r["instruction"], r["input"]), {"role": "assistant", "content": r["output"]}]
         assert TurnsCollate(1024).row(encode_conversation(style, messages)) == instruct_row
+
+
+def test_a_packed_chat_run_starts_where_an_unpacked_one_does(tmp_path, capsys):
+    """Conversations packed into rows (TurnsCollate inside PackedCollate): the start's validation loss is the
+    unpacked run's, and training runs."""
+    lines = bundled(CONVERSATIONS).read_text().splitlines()[:40]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    losses = {}
+    for packing in ("false", "true"):
+        out = tmp_path / packing
+        assert main(["run", "chat", "--quiet", "--config", "chat_tiny", f"output_dir={out}", f"data.packing={packing}",
+                     f"data.path={tmp_path / 'data.jsonl'}", "train.epochs=1", "generation.max_new_tokens=4"]) == 0
+        first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["step"] == 0 and first["split"] == "val"
+        losses[packing] = first["loss"]
+    assert "packed in" in capsys.readouterr().err
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)

@@ -634,6 +634,48 @@ def test_page_streams_a_reply_in_a_real_browser(browser):
         running.close()
 
 
+def test_page_keeps_the_conversation_of_a_chat_model_in_a_real_browser(browser):
+    """A chatml model: the second reply answers the system message, the first exchange and the new message;
+    "New conversation" starts again from the system message alone."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from finetune.checkpoints.interface import Generation, interface_meta
+    from finetune.inference.respond import reply
+
+    model = tiny_lm(seed=6)
+    generation = Generation(max_new_tokens=8, stop=["<|im_end|>"])
+    running = Running(create_app(Loaded.of(model, model.checkpoint_meta() | interface_meta("chatml", generation, 1), "c")))
+
+    def say(text: str) -> str:
+        browser.find_element(By.ID, "prompt").send_keys(text)
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "reply").get_attribute("data-done") == "true")
+        return browser.find_element(By.ID, "reply").get_attribute("textContent")
+
+    try:
+        browser.get(running.url + "/")
+        WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "title").text == "c")
+        assert browser.find_element(By.ID, "system").is_displayed()
+        browser.find_element(By.ID, "max_tokens").clear()
+        browser.find_element(By.ID, "max_tokens").send_keys("8")
+        browser.find_element(By.ID, "system").send_keys("Be brief.")
+        system = {"role": "system", "content": "Be brief."}
+        first = say("Name a colour.")
+        assert first == reply(model, [[system, {"role": "user", "content": "Name a colour."}]], "chatml", generation)[0]
+        second = say("Another one?")
+        asked = [system, {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": first},
+                 {"role": "user", "content": "Another one?"}]
+        assert second == reply(model, [asked], "chatml", generation)[0]
+        assert second != reply(model, [[system, asked[-1]]], "chatml", generation)[0]  # the history mattered
+        browser.find_element(By.ID, "reset").click()
+        again = say("Another one?")
+        assert again == reply(model, [[system, asked[-1]]], "chatml", generation)[0]
+        assert browser.find_element(By.ID, "error").text == ""
+    finally:
+        running.close()
+
+
 def test_page_shows_class_probabilities_in_a_real_browser(browser, classifier):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
