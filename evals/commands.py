@@ -27,7 +27,7 @@ def run_score(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from finetune.checkpoints.atomic import write_text_atomic
-    from finetune.data.prompts import format_prompt
+    from finetune.data.prompts import format_conversation, format_prompt
     from finetune.evals.generation import read_responses, reference_metrics
     from finetune.evals.judge import JudgeClient, judge_all
     from finetune.progress import progress
@@ -49,8 +49,10 @@ def run_score(args: argparse.Namespace) -> None:
         client = JudgeClient(args.judge_url, args.judge_model, timeout=args.timeout, retries=args.retries)
         items = [
             {
-                "prompt": format_prompt(
-                    r.get("prompt_style") or "alpaca", r["instruction"], r.get("input", "")
+                "prompt": (
+                    format_conversation(r.get("prompt_style") or "chatml", r["messages"])
+                    if "messages" in r
+                    else format_prompt(r.get("prompt_style") or "alpaca", r["instruction"], r.get("input", ""))
                 ).rstrip(),
                 "reference": r["output"],
                 "response": r["response"],
@@ -91,6 +93,10 @@ def reward_scores(model: str, rows: list[dict]) -> dict:
     loaded = load_classifier(model)
     if loaded.interface.problem_type != REWARD:
         raise UserError(f"--reward-model {model}: a {loaded.interface.problem_type} model, not a reward model")
+    if any("messages" in r for r in rows):
+        raise UserError(
+            f"--reward-model {model}: a reward model scores instruction and response rows, not conversations"
+        )
     asked = [r["instruction"] for r in rows], [r.get("input", "") for r in rows]
     scored = {"reward": "response", "reward_reference": "output"}
     return {

@@ -45,13 +45,16 @@ def reference_metrics(predictions: Sequence[str], references: Sequence[str]) -> 
 
 
 def read_responses(path: Path) -> list[dict]:
-    """Rows of a responses.jsonl: `instruction`, `input`, `output` (reference), `response` and (since 0.3)
-    `prompt_style`, the style the model was asked in."""
+    """Rows of a responses.jsonl: `instruction`, `input` (or, from a chat run, the conversation's `messages`),
+    `output` (reference), `response` and (since 0.3) `prompt_style`, the style the model was asked in."""
     rows = []
     for number, row in jsonl_rows(path, read_text(path, "responses", "the path (a responses.jsonl file)")):
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: expected a JSON object")
-        for key in ("instruction", "output", "response"):
+        asked = "messages" if "messages" in row else "instruction"
+        if asked == "messages" and not isinstance(row["messages"], list):
+            raise UserError(f"{path}:{number}: 'messages' must be a list of messages")
+        for key in ("output", "response") + (("instruction",) if asked == "instruction" else ()):
             if not isinstance(row.get(key), str):
                 raise UserError(f"{path}:{number}: missing string field '{key}'")
         rows.append({"input": "", **row})

@@ -58,7 +58,7 @@ from finetune.formats.loading import build_model, stored_meta
 from finetune.inference.generate import Decoded, decode, generate
 from finetune.inference.loading import load_classifier
 from finetune.inference.predict import exchanges, predict
-from finetune.inference.respond import prompt_tokens, reply, respond, write_responses
+from finetune.inference.respond import prompt_tokens, reply, respond, write_replies, write_responses
 from finetune.model.classifier import GPTClassifier
 from finetune.model.gpt import GPT, GPTConfig
 from finetune.model.lora import adapters_disabled, lora_layers, merged_model
@@ -164,6 +164,7 @@ __all__ = [
     "reply",
     "prompt_tokens",
     "write_responses",
+    "write_replies",
     # files written whole or not at all; metrics and plots
     "write_text_atomic",
     "write_file_atomic",

@@ -47,7 +47,7 @@ from finetune.recipe_api import (
     reply,
     split_records,
     stop_strings,
-    write_text_atomic,
+    write_replies,
 )
 from finetune.recipes.instruct import Collate, GenerationSection, PackedCollate, packed, trained_tokens
 
@@ -258,19 +258,14 @@ def sample_reply(sample: Conversation, config: ChatConfig, quiet: bool):
 def test_replies(model, conversations: list[Conversation], config: ChatConfig, path: Path) -> list[dict]:
     """responses.jsonl: each test conversation (that fits the context) up to its last question, the reference
     and the model's reply."""
-    style, g = config.data.chat_format, generation(config)
     kept = [c for c, _ in fitting(conversations, config, model.config.context_length, Screening(False))]
-    rows = []
-    for i in tqdm(range(0, len(kept), config.generation.batch_size), desc="test replies", disable=None):
-        chunk = kept[i : i + config.generation.batch_size]
-        for c, answer in zip(chunk, reply(model, [c.messages[:-1] for c in chunk], style, g), strict=True):
-            rows.append(
-                {
-                    "messages": c.messages[:-1],
-                    "output": message_text(c.messages[-1]),
-                    "response": answer,
-                    "prompt_style": style,
-                }
-            )
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return rows
+    return write_replies(
+        model,
+        [c.messages[:-1] for c in kept],
+        [message_text(c.messages[-1]) for c in kept],
+        config.data.chat_format,
+        generation(config),
+        config.generation.batch_size,
+        path,
+        quiet=False,
+    )

@@ -205,6 +205,7 @@ def run_chat(args: argparse.Namespace) -> None:
 def run_respond(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from finetune.data.conversations import holds_conversations
     from finetune.data.records import read_records
     from finetune.inference.respond import with_max_new_tokens, write_responses
 
@@ -212,19 +213,41 @@ def run_respond(args: argparse.Namespace) -> None:
     run_dir = Path(args.model)
     is_run = (run_dir / "config.yaml").is_file()
     if args.data:
-        records = read_records(Path(args.data), need_output=False, setting="--data")
-        out = (run_dir if is_run else Path(".")) / f"responses-{Path(args.data).stem}.jsonl"
+        source = Path(args.data)
+        out = (run_dir if is_run else Path(".")) / f"responses-{source.stem}.jsonl"
     elif is_run and (run_dir / "responses.jsonl").is_file():
-        records, out = (
-            read_records(run_dir / "responses.jsonl", setting=str(run_dir / "responses.jsonl")),
-            run_dir / "responses.jsonl",
-        )
+        source = out = run_dir / "responses.jsonl"
     else:
         raise UserError(f"{args.model} is not a run with a responses.jsonl (its test split); give --data FILE")
     generation = with_max_new_tokens(loaded.interface.generation, args.max_new_tokens)
     out = Path(args.out) if args.out else out
-    write_responses(loaded.model, records, loaded.interface.prompt_style, generation, args.batch_size, out, quiet=False)
-    print(f"{len(records)} responses written to {out}")
+    style = loaded.interface.prompt_style
+    if holds_conversations(source):
+        count = _reply_to_conversations(loaded.model, source, style, generation, args.batch_size, out)
+    else:
+        setting = "--data" if args.data else str(source)
+        records = read_records(source, need_output=False, setting=setting)
+        write_responses(loaded.model, records, style, generation, args.batch_size, out, quiet=False)
+        count = len(records)
+    print(f"{count} responses written to {out}")
+
+
+def _reply_to_conversations(model, source, style: str, generation, batch_size: int, out) -> int:
+    """Replies to a file of conversations: a chat run's responses.jsonl (`messages` and the reference `output`),
+    or conversations whose last message is the user's, or the assistant's reference."""
+    from finetune.data.conversations import message_text, read_conversations
+    from finetune.evals.generation import read_responses
+    from finetune.inference.respond import write_replies
+
+    rows = read_responses(source) if source.name.startswith("responses") else None
+    if rows is not None and all("messages" in r for r in rows):
+        asked, references = [r["messages"] for r in rows], [r["output"] for r in rows]
+    else:
+        kept = read_conversations(source, None, None, strict=True, to_answer=True).kept
+        asked = [c.messages[:-1] if c.messages[-1]["role"] == "assistant" else c.messages for c in kept]
+        references = [message_text(c.messages[-1]) if c.messages[-1]["role"] == "assistant" else "" for c in kept]
+    write_replies(model, asked, references, style, generation, batch_size, out, quiet=False)
+    return len(asked)
 
 
 def run_classify(args: argparse.Namespace) -> None:

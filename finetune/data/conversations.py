@@ -67,8 +67,16 @@ class Screening:
         ]
 
 
-def read_conversations(path: Path, fmt: str | None, field: str | None, strict: bool) -> Screening:
-    """The conversations of a file, screened; `field` names the column of messages (null: the one present)."""
+def holds_conversations(path: Path, fmt: str | None = None) -> bool:
+    """Whether a file's records are conversations (a `messages` or `conversations` column)."""
+    return any(field in read_table(path, fmt).frame.columns for field in FIELDS)
+
+
+def read_conversations(
+    path: Path, fmt: str | None, field: str | None, strict: bool, to_answer: bool = False
+) -> Screening:
+    """The conversations of a file, screened; `field` names the column of messages (null: the one present).
+    `to_answer`: conversations to reply to, which may end with the user's message and hold no assistant one."""
     table = read_table(path, fmt, setting="data.path")
     columns = list(map(str, table.frame.columns))
     name = field or next((f for f in FIELDS if f in columns), None)
@@ -79,7 +87,7 @@ def read_conversations(path: Path, fmt: str | None, field: str | None, strict: b
         )
     screening = Screening(strict)
     for i, value in enumerate(table.frame[name].tolist()):
-        messages = _messages(_plain(value))
+        messages = _messages(_plain(value), to_answer)
         if isinstance(messages, Problem):
             screening.refuse(messages.kind, table.where(i), messages.detail)
         else:
@@ -106,7 +114,7 @@ class Problem:
     detail: str = ""
 
 
-def _messages(value: Any) -> list[Message] | Problem:
+def _messages(value: Any, to_answer: bool = False) -> list[Message] | Problem:
     """The record's messages in OpenAI's shape, or why it cannot be trained on."""
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         return Problem("malformed")
@@ -127,6 +135,8 @@ def _messages(value: Any) -> list[Message] | Problem:
     turns = roles[1:] if roles[0] == "system" else roles
     if any(role != ("user" if i % 2 == 0 else "assistant") for i, role in enumerate(turns)):
         return Problem("order", " ".join(roles))
+    if to_answer:
+        return messages if turns else Problem("order", "no user message")
     if "assistant" not in turns:
         return Problem("no_assistant")
     if turns[-1] != "assistant":

@@ -15,12 +15,13 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from finetune.errors import UserError
 from finetune.model.tokenizer import EOT
 
 Message = dict[str, Any]  # {"role": ..., "content": str or [{"type": "text", "text": ...}], "weight"?: 0 or 1}
 
 
-class CannotExpress(ValueError):
+class CannotExpress(UserError):
     """The template refuses a conversation (raise_exception) or fails on it: the message says why."""
 
 

@@ -104,3 +104,26 @@ def write_responses(
 
 def with_max_new_tokens(generation: Generation, max_new_tokens: int | None) -> Generation:
     return generation if max_new_tokens is None else replace(generation, max_new_tokens=max_new_tokens)
+
+
+def write_replies(
+    model,
+    conversations: list[list[Message]],
+    references: list[str],
+    style: str,
+    generation: Generation,
+    batch_size: int,
+    path: Path,
+    quiet: bool = True,
+) -> list[dict]:
+    """The assistant's next turn in every conversation (each ends with the user's message), in batches, written
+    to `path` (JSON Lines) as `messages`, the reference `output` ("" for none), `response` and `prompt_style`."""
+    rows = []
+    for start in progress(range(0, len(conversations), batch_size), "replying", quiet):
+        batch = conversations[start : start + batch_size]
+        for messages, reference, answer in zip(
+            batch, references[start : start + batch_size], reply(model, batch, style, generation), strict=True
+        ):
+            rows.append({"messages": messages, "output": reference, "response": answer, "prompt_style": style})
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return rows

@@ -5,9 +5,9 @@ records read alike, and bad ones are counted per kind or refused."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -188,14 +188,17 @@ def test_a_strict_run_refuses_a_bad_record_in_one_line(tmp_path, capsys):
 # -- a trained chat model answers the same everywhere ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def chat_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat")
-    lines = bundled(CONVERSATIONS).read_text().splitlines()[:48]
+@pytest.fixture(scope="module", params=["chatml", "alpaca"])
+def chat_run(request, tmp_path_factory):
+    """A tiny model trained on 24 conversations until it answers in words; in alpaca its replies end at
+    end-of-text before the 16-token budget (a tiny model does not learn chatml's 6-token end marker whole)."""
+    root = tmp_path_factory.mktemp(f"chat_{request.param}")
+    lines = bundled(CONVERSATIONS).read_text().splitlines()[:24]
     (root / "data.jsonl").write_text("\n".join(lines) + "\n")
     assert main(["run", "chat", "--quiet", "--config", "chat_tiny", f"output_dir={root / 'run'}",
-                 f"data.path={root / 'data.jsonl'}", "train.epochs=4", "train.batch_size=4", "train.eval_every=0",
-                 "train.eval_at_start=false", "train.lr=3e-3", "generation.max_new_tokens=16", "data.train_on=assistant"]) == 0
+                 f"data.path={root / 'data.jsonl'}", f"data.chat_format={request.param}", "train.epochs=25",
+                 "train.batch_size=4", "train.eval_every=0", "train.eval_at_start=false", "train.lr=3e-3",
+                 "generation.max_new_tokens=16", "data.train_on=assistant"]) == 0
     assert main(["export", str(root / "run"), str(root / "hf")]) == 0
     assert main(["export", str(root / "run"), str(root / "gguf"), "--format", "gguf"]) == 0
     return root
@@ -207,16 +210,20 @@ def test_a_multi_turn_conversation_gets_one_answer_everywhere(chat_run, monkeypa
     model, meta = load_with_meta(chat_run / "run")
     model.eval()
     style, generation = meta["prompt_style"], interface_of(meta).generation
-    assert style == "chatml" and generation.stop == ["<|im_end|>"]
+    assert generation.stop == (["<|im_end|>"] if style == "chatml" else [])
     first, second = "Name a fruit.", "What is the capital of Italy?"
-    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(f"{first}\n{second}\n"))
-    assert main(["chat", str(chat_run / "run"), "--system", "Be brief."]) == 0
-    answers = [line.removeprefix("> ") for line in capsys.readouterr().out.splitlines()]  # input()'s prompt
-    assert len(answers) == 3 and answers[2] == ""  # two answers, then the prompt that read the end of input
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": first},
-                {"role": "assistant", "content": answers[0]}, {"role": "user", "content": second}]
+    system = {"role": "system", "content": "Be brief."}
+    answer = reply(model, [[system, {"role": "user", "content": first}]], style, generation)[0]
+    messages = [system, {"role": "user", "content": first}, {"role": "assistant", "content": answer},
+                {"role": "user", "content": second}]
     ours = reply(model, [messages], style, generation)[0]
-    assert ours == answers[1]
+    lines = iter([first, second])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines, ""))
+    assert main(["chat", str(chat_run / "run"), "--system", "Be brief."]) == 0
+    assert capsys.readouterr().out == f"{answer}\n{ours}\n"  # the second answer saw the first exchange
+    assert ours != reply(model, [[system, messages[-1]]], style, generation)[0]
+    if style == "alpaca":  # ended at end-of-text, not at the budget
+        assert len(get_tokenizer().encode_ordinary(ours)) < generation.max_new_tokens
     # the server
     running = Running(create_app(Loaded.of(model, meta, "chat")))
     try:
@@ -244,6 +251,22 @@ def test_a_multi_turn_conversation_gets_one_answer_everywhere(chat_run, monkeypa
     assert answer["usage"]["prompt_tokens"] == len(conversation_tokens(messages, style))  # the same prompt
 
 
+def test_respond_and_score_read_a_chat_runs_replies(chat_run, tmp_path, capsys):
+    """`finetune respond RUN` answers the run's test conversations again, as the run did; `finetune score` reads
+    them; a file of conversations ending with the assistant's reference is answered up to its last question."""
+    again = tmp_path / "again.jsonl"
+    assert main(["respond", str(chat_run / "run"), "--out", str(again)]) == 0
+    assert again.read_text() == (chat_run / "run" / "responses.jsonl").read_text()
+    assert main(["score", str(again), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["n"] == len(again.read_text().splitlines())
+    out = tmp_path / "asked.jsonl"
+    assert main(["respond", str(chat_run / "run"), "--data", str(chat_run / "data.jsonl"), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    sources = [json.loads(line)["messages"] for line in (chat_run / "data.jsonl").read_text().splitlines()]
+    assert [r["messages"] for r in rows] == [m[:-1] for m in sources]
+    assert [r["output"] for r in rows] == [m[-1]["content"] for m in sources]
+
+
 def test_the_server_refuses_what_the_format_cannot_hold(chat_run):
     model, meta = load_with_meta(chat_run / "run")
     running = Running(create_app(Loaded.of(model.eval(), meta, "chat")))
@@ -257,7 +280,7 @@ def test_the_server_refuses_what_the_format_cannot_hold(chat_run):
             with pytest.raises(BadRequestError, match="cannot hold this conversation: roles must alternate"):
                 api.chat.completions.create(model="chat", messages=messages)
         card = api.models.list().data[0]
-        assert card.prompt_style == "chatml" and card.multi_turn is True
+        assert card.prompt_style == meta["prompt_style"] and card.multi_turn is True
     finally:
         running.close()
 
