@@ -34,7 +34,7 @@ def one_case(preset: str, packing: bool, steps: int, precision: str) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     length = model.config.context_length
     if packing:
-        items, collate, per_step = packed(examples, length), PackedCollate(length), 1
+        items, collate, per_step = packed(examples, length), PackedCollate(Collate(length)), 1
     else:
         items, collate, per_step = list(examples), Collate(length), 8
     random.Random(0).shuffle(items)

@@ -46,7 +46,7 @@ from finetune.data.corpus import (
 )
 from finetune.data.files import read_json_object, read_text
 from finetune.data.packing import Row, pack, packed_batch
-from finetune.data.prompts import can_converse, check_style, stop_strings
+from finetune.data.prompts import can_converse, check_single_turn_style, check_style, stop_strings
 from finetune.data.records import Record, read_fields, read_records, split_records
 from finetune.data.tables import Format, Table, read_table
 from finetune.errors import UserError
@@ -102,6 +102,7 @@ __all__ = [
     "Generation",
     "interface_meta",
     "check_style",
+    "check_single_turn_style",
     "can_converse",
     "stop_strings",
     # data: tables and records, texts for a classifier, text corpora

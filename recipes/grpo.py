@@ -36,7 +36,7 @@ from finetune.recipe_api import (
     Setup,
     TrainSection,
     UserError,
-    check_style,
+    check_single_turn_style,
     eval_loader,
     interface_meta,
     language_model,
@@ -151,7 +151,7 @@ def start_interface(config: GRPOConfig) -> tuple[str, GenerationSection]:
         )
     style = config.data.prompt_style or meta.get("prompt_style") or "alpaca"
     stored = {k: v for k, v in (meta.get("generation") or {}).items() if k in GenerationSection.model_fields}
-    return check_style(style, "data.prompt_style"), config.generation or GenerationSection(**stored)
+    return check_single_turn_style(style, "data.prompt_style"), config.generation or GenerationSection(**stored)
 
 
 # -- the recipe ---------------------------------------------------------------------------------

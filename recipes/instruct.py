@@ -36,7 +36,7 @@ from finetune.recipe_api import (
     Section,
     Setup,
     UserError,
-    check_style,
+    check_single_turn_style,
     evaluate_splits,
     get_tokenizer,
     interface_meta,
@@ -83,7 +83,7 @@ class InstructData(Section):
     @classmethod
     def _style(cls, value: str) -> str:
         try:
-            return check_style(value, "prompt_style")
+            return check_single_turn_style(value, "prompt_style")
         except UserError as e:
             raise ValueError(str(e).removeprefix("prompt_style: ")) from None
 

@@ -36,7 +36,7 @@ from finetune.recipe_api import (
     Setup,
     UserError,
     cache_splits,
-    check_style,
+    check_single_turn_style,
     evaluate_splits,
     exchanges,
     lora_layers,
@@ -97,7 +97,9 @@ def prompt_style(config: RewardConfig) -> str:
             f"model.name: '{config.model.name}' is a classifier; a reward model starts from a language model "
             "(an instruct run, or GPT-2)"
         )
-    return check_style(config.data.prompt_style or meta.get("prompt_style") or "alpaca", "data.prompt_style")
+    return check_single_turn_style(
+        config.data.prompt_style or meta.get("prompt_style") or "alpaca", "data.prompt_style"
+    )
 
 
 # -- data ---------------------------------------------------------------------------------------

@@ -113,6 +113,19 @@ def check_style(style: str, setting: str = "data.prompt_style") -> str:
     return style
 
 
+def check_single_turn_style(style: str, setting: str = "data.prompt_style") -> str:
+    """`style` for a recipe that trains one response ended by end-of-text (instruct, DPO, GRPO, reward models):
+    a style whose replies end there; chatml and Jinja templates end turns with markers of their own."""
+    check_style(style, setting)
+    if is_jinja(style) or stop_strings(style):
+        name = "a Jinja chat template" if is_jinja(style) else f"'{style}'"
+        raise UserError(
+            f"{setting}: {name} ends each reply with its own marker; train it with the chat recipe (finetune run "
+            "chat), or use alpaca, phi3, plain or an {instruction} template"
+        )
+    return style
+
+
 def template(style: str, setting: str = "data.prompt_style") -> Template:
     """The pieces of a named style or an `{instruction}` template (a Jinja template has none)."""
     if style in _STYLES:
