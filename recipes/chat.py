@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from accelerate import Accelerator
 from pydantic import Field, field_validator, model_validator
@@ -40,7 +41,6 @@ from finetune.recipe_api import (
     evaluate_splits,
     interface_meta,
     message_text,
-    perplexity_table,
     plot_curves,
     read_conversations,
     reference_metrics,
@@ -49,7 +49,14 @@ from finetune.recipe_api import (
     stop_strings,
     write_replies,
 )
-from finetune.recipes.instruct import Collate, GenerationSection, PackedCollate, packed, trained_tokens
+from finetune.recipes.instruct import (
+    Collate,
+    GenerationSection,
+    PackedCollate,
+    packed,
+    summary_table,
+    trained_tokens,
+)
 
 # -- config -------------------------------------------------------------------------------------
 
@@ -141,22 +148,30 @@ def encoded(conversations: list[Conversation], config: ChatConfig, max_length: i
 # -- the recipe ---------------------------------------------------------------------------------
 
 
-class Chat(Recipe[ChatConfig, dict]):
+@dataclass
+class Conversations:
+    """The file's conversations split 85/10/5, and what its screening skipped (reported when training starts)."""
+
+    splits: dict[str, list[Conversation]]
+    screening: Screening
+
+
+class Chat(Recipe[ChatConfig, Conversations]):
     name, Config = "chat", ChatConfig
 
-    def prepare(self, config: ChatConfig) -> dict[str, Any]:
+    def prepare(self, config: ChatConfig) -> Conversations:
         path = data_file(config.data.path, CONVERSATIONS)
         screening = read_conversations(path, config.data.format, config.data.messages_field, config.data.strict)
         if not screening.kept:
             raise UserError(f"{path}: no conversation can be trained on ({'; '.join(screening.lines())})")
         splits = split_records(screening.kept, config.data.train_fraction, config.data.test_fraction)
-        return {**splits, "screening": screening}
+        return Conversations(splits, screening)
 
-    def setup(self, config: ChatConfig, data: dict[str, Any], model, accelerator: Accelerator, quiet: bool) -> Setup:
+    def setup(self, config: ChatConfig, data: Conversations, model, accelerator: Accelerator, quiet: bool) -> Setup:
         context = model.config.context_length
         max_length = min(config.data.max_length or context, context)
-        screening = data["screening"]
-        train, val = (encoded(data[name], config, max_length, screening) for name in ("train", "val"))
+        screening = data.screening
+        train, val = (encoded(data.splits[name], config, max_length, screening) for name in ("train", "val"))
         if not train or not val:
             raise UserError(
                 f"no {'training' if not train else 'validation'} conversation fits; {'; '.join(screening.lines())}"
@@ -175,12 +190,13 @@ class Chat(Recipe[ChatConfig, dict]):
                 file=sys.stderr,
             )
         meta = {"max_length": max_length, **model_interface(config)}
-        return Setup(rows, val, collate, NextTokenTask(), meta, on_evaluate=sample_reply(data["val"][0], config, quiet))
+        sample = sample_reply(data.splits["val"][0], config, quiet)
+        return Setup(rows, val, collate, NextTokenTask(), meta, on_evaluate=sample)
 
     def evaluate(
         self,
         config: ChatConfig,
-        data: dict[str, Any],
+        data: Conversations,
         model,
         meta: dict,
         splits: tuple[str, ...],
@@ -190,21 +206,21 @@ class Chat(Recipe[ChatConfig, dict]):
         """Loss and perplexity on each split (the conversations that fit)."""
         batch_size = config.train.eval_batch_size or config.train.batch_size
         collate = TurnsCollate(meta["max_length"])
-        examples = {s: (encoded(data[s], config, meta["max_length"], Screening(False)), collate) for s in splits}
+        examples = {s: (encoded(data.splits[s], config, meta["max_length"], Screening(False)), collate) for s in splits}
         return evaluate_splits(NextTokenTask(), model, examples, batch_size, accelerator)
 
     def report(
         self,
         out: Path,
         config: ChatConfig,
-        data: dict[str, Any],
+        data: Conversations,
         metrics: dict,
         history: list[dict],
         model,
         quiet: bool,
     ) -> tuple[dict, list[str]]:
         """The last assistant turn of each test conversation answered and scored; curves.png."""
-        rows = test_replies(model, data["test"], config, out / "responses.jsonl")
+        rows = test_replies(model, data.splits["test"], config, out / "responses.jsonl")
         metrics["responses"] = {
             k: v
             for k, v in reference_metrics([r["response"] for r in rows], [r["output"] for r in rows]).items()
@@ -214,11 +230,7 @@ class Chat(Recipe[ChatConfig, dict]):
         return metrics, ["responses.jsonl", "curves.png"]
 
     def summary_table(self, metrics: dict) -> str:
-        lines = [perplexity_table(metrics)]
-        if "responses" in metrics:
-            r = metrics["responses"]
-            lines.append(f"test replies: ROUGE-L {r['rouge_l']:.3f}, exact match {r['exact_match']:.1%} (n={r['n']})")
-        return "\n".join(lines)
+        return summary_table(metrics)
 
     def report_body(self, config: ChatConfig, metrics: dict, out: Path) -> list[str]:
         lines = ["", "## Sample conversations", ""]
