@@ -53,6 +53,7 @@ from finetune.recipes.instruct import (
     Collate,
     GenerationSection,
     PackedCollate,
+    leaves_validation,
     packed,
     summary_table,
     trained_tokens,
@@ -107,9 +108,7 @@ class ChatData(Section):
 
     @model_validator(mode="after")
     def _fractions(self) -> ChatData:
-        if self.train_fraction + self.test_fraction >= 1.0:
-            raise ValueError("train_fraction + test_fraction must leave some validation data (sum < 1)")
-        return self
+        return leaves_validation(self)
 
 
 class ChatConfig(RunConfig):

@@ -89,9 +89,14 @@ class InstructData(Section):
 
     @model_validator(mode="after")
     def _fractions(self) -> InstructData:
-        if self.train_fraction + self.test_fraction >= 1.0:
-            raise ValueError("train_fraction + test_fraction must leave some validation data (sum < 1)")
-        return self
+        return leaves_validation(self)
+
+
+def leaves_validation(data):
+    """`data` (a section with train_fraction and test_fraction) if the two leave a validation split."""
+    if data.train_fraction + data.test_fraction >= 1.0:
+        raise ValueError("train_fraction + test_fraction must leave some validation data (sum < 1)")
+    return data
 
 
 class GenerationSection(SamplingSection):

@@ -372,6 +372,10 @@ CASES = [
      "no conversation can be trained on (skipped 1 conversation(s) with no assistant message to train on"),
     ("chat-no-messages-column", lambda o, d, f: chat(o, f"data.path={f / 'chats_nocolumn.jsonl'}"),
      "no 'messages' column of conversations (columns: dialog)"),
+    ("respond-bad-conversation", lambda o, d, f: ["respond", str(f / "lm_ckpt"), "--prompt-style", "chatml", "--data",
+                                                  str(f / "chats_tool.jsonl"), "--out", str(f / "r.jsonl")],
+     "chats_tool.jsonl:2: a message with a role other than system, user or assistant (ShareGPT: system, human, gpt) "
+     "(message 1: 'tool'); fix the record"),
     ("chat-one-turn-format", lambda o, d, f: chat(o, "data.chat_format=plain"), "'plain' holds one turn"),
     ("chat-broken-jinja", lambda o, d, f: chat(o, f"data.chat_format={f / 'template.jinja'}"), "not a valid Jinja template"),
     ("chat-system-one-turn-style", lambda o, d, f: ["chat", str(f / "lm_ckpt"), "--prompt-style", "plain", "--system", "x"],

@@ -236,14 +236,15 @@ def _reply_to_conversations(model, source, style: str, generation, batch_size: i
     """Replies to a file of conversations: a chat run's responses.jsonl (`messages` and the reference `output`),
     or conversations whose last message is the user's, or the assistant's reference."""
     from finetune.data.conversations import message_text, read_conversations
+    from finetune.data.tables import read_table
     from finetune.evals.generation import read_responses
     from finetune.inference.respond import write_replies
 
-    rows = read_responses(source) if source.name.startswith("responses") else None
-    if rows is not None and all("messages" in r for r in rows):
+    if {"messages", "output", "response"} <= set(read_table(source).frame.columns):  # a chat run's responses
+        rows = read_responses(source)
         asked, references = [r["messages"] for r in rows], [r["output"] for r in rows]
     else:
-        kept = read_conversations(source, None, None, strict=True, to_answer=True).kept
+        kept = read_conversations(source, None, None, strict=True, to_answer=True, setting="--data").kept
         asked = [c.messages[:-1] if c.messages[-1]["role"] == "assistant" else c.messages for c in kept]
         references = [message_text(c.messages[-1]) if c.messages[-1]["role"] == "assistant" else "" for c in kept]
     write_replies(model, asked, references, style, generation, batch_size, out, quiet=False)

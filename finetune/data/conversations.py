@@ -44,8 +44,8 @@ class Conversation:
 class Screening:
     """What a file held: the conversations kept, and each problem's count and first record."""
 
-    def __init__(self, strict: bool) -> None:
-        self.strict = strict
+    def __init__(self, strict: bool, setting: str = "data.path") -> None:
+        self.strict, self.setting = strict, setting
         self.kept: list[Conversation] = []
         self.counts: Counter[str] = Counter()
         self.first: dict[str, tuple[str, str]] = {}
@@ -54,7 +54,8 @@ class Screening:
         """Count a bad record, or (strictly) stop the run at it."""
         reason = PROBLEMS[kind] + (f" ({detail})" if detail else "")
         if self.strict:
-            raise UserError(f"{where}: {reason}; fix the record, or set data.strict=false to skip such records")
+            skip = ", or set data.strict=false to skip such records" if self.setting == "data.path" else ""
+            raise UserError(f"{where}: {reason}; fix the record{skip}")
         self.counts[kind] += 1
         self.first.setdefault(kind, (where, detail))
 
@@ -73,11 +74,11 @@ def holds_conversations(path: Path, fmt: str | None = None) -> bool:
 
 
 def read_conversations(
-    path: Path, fmt: str | None, field: str | None, strict: bool, to_answer: bool = False
+    path: Path, fmt: str | None, field: str | None, strict: bool, to_answer: bool = False, setting: str = "data.path"
 ) -> Screening:
     """The conversations of a file, screened; `field` names the column of messages (null: the one present).
     `to_answer`: conversations to reply to, which may end with the user's message and hold no assistant one."""
-    table = read_table(path, fmt, setting="data.path")
+    table = read_table(path, fmt, setting=setting)
     columns = list(map(str, table.frame.columns))
     name = field or next((f for f in FIELDS if f in columns), None)
     if name is None or name not in columns:
@@ -85,7 +86,7 @@ def read_conversations(
             f"{table.name}: no '{field or 'messages'}' column of conversations (columns: {', '.join(columns)}); "
             "records need 'messages' (OpenAI, Hugging Face) or 'conversations' (ShareGPT), or set data.messages_field"
         )
-    screening = Screening(strict)
+    screening = Screening(strict, setting)
     for i, value in enumerate(table.frame[name].tolist()):
         messages = _messages(_plain(value), to_answer)
         if isinstance(messages, Problem):
