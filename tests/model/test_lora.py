@@ -70,6 +70,28 @@ def test_layer_matches_closed_form():
     assert (layer(x).double() - expected).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("dropout, bias", [(0.0, True), (0.3, True), (0.0, False)])
+def test_layer_gradients_equal_autograd_through_the_closed_form(dropout, bias):
+    """The fused forward and backward (_LoRAProduct) against autograd through y = x Wᵀ + b + s·dropout(x) Aᵀ Bᵀ,
+    in float64, for the input, a base weight that is trained too, the bias and both adapters."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(48, 40, bias=bias), rank=6, alpha=12, dropout=dropout).double().train()
+    layer.weight.requires_grad_(True)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(5, 7, 48, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 7, 40, dtype=torch.float64)
+    wrt = [x, layer.weight, layer.lora_A, layer.lora_B] + ([layer.bias] if bias else [])
+    torch.manual_seed(1)
+    ours = torch.autograd.grad(layer(x), wrt, upstream)
+    torch.manual_seed(1)  # the same dropout mask
+    dropped = torch.nn.functional.dropout(x, dropout) if dropout else x
+    expected_y = torch.nn.functional.linear(x, layer.weight, layer.bias) + dropped @ layer.lora_A.T @ layer.lora_B.T * 2
+    expected = torch.autograd.grad(expected_y, wrt, upstream)
+    for got, want in zip(ours, expected, strict=True):
+        assert got.dtype == want.dtype and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_merge_matches_unmerged_and_unmerge_restores_w():
     model = apply_lora(tiny_gpt(), rank=4, alpha=8, targets=["all-linear"])
     randomize_lora(model)
