@@ -39,7 +39,7 @@ def batch():
 @pytest.mark.parametrize("tied", [True, False])
 def test_chunked_loss_matches_full_logits(batch, tied):
     ids, targets = batch
-    model = GPT(GPTConfig(n_embd=48, n_layer=2, n_head=4, context_length=256, vocab_size=3000, tie_embeddings=tied))
+    model = GPT(GPTConfig(n_embd=48, n_layer=2, n_head=4, context_length=CHUNK_ROWS["cpu"], vocab_size=3000, tie_embeddings=tied))
     expected, expected_grads = loss_and_grads(model, plain(model, ids, targets))
     loss, grads = loss_and_grads(model, lambda: next_token_loss(model, ids, targets))
     assert loss == pytest.approx(expected, rel=1e-6)
@@ -52,7 +52,7 @@ def test_chunked_loss_matches_full_logits(batch, tied):
 
 def test_chunked_loss_under_bf16_autocast_and_with_a_lora_head(batch):
     ids, targets = batch
-    model = GPT(GPTConfig(n_embd=48, n_layer=2, n_head=4, context_length=256, vocab_size=3000, tie_embeddings=False))
+    model = GPT(GPTConfig(n_embd=48, n_layer=2, n_head=4, context_length=CHUNK_ROWS["cpu"], vocab_size=3000, tie_embeddings=False))
     _, exact = loss_and_grads(model, plain(model, ids, targets))
     expected, expected_grads = loss_and_grads(model, plain(model, ids, targets), autocast=True)
     loss, grads = loss_and_grads(model, lambda: next_token_loss(model, ids, targets), autocast=True)
@@ -67,3 +67,13 @@ def test_chunked_loss_under_bf16_autocast_and_with_a_lora_head(batch):
     loss, grads = loss_and_grads(model, lambda: next_token_loss(model, ids, targets))
     assert loss == pytest.approx(expected, rel=1e-6) and grads.keys() == expected_grads.keys()
     assert all(close(grads[n], expected_grads[n]) for n in grads)
+
+
+def test_a_second_backward_through_the_same_loss_is_refused(batch):
+    """Backward scales the gradients computed in forward in place; a second pass would scale them twice."""
+    ids, targets = batch
+    model = GPT(GPTConfig(n_embd=48, n_layer=2, n_head=4, context_length=CHUNK_ROWS["cpu"], vocab_size=3000))
+    loss = next_token_loss(model, ids, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
