@@ -7,6 +7,7 @@ import json
 import platform
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -22,15 +23,22 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def matmul_peak(precision: str) -> float:
-    """GFLOP/s of a large square matmul on this machine."""
+GPT2_MATMUL = (1024, 768, 3072)  # 1,024 tokens through GPT-2 124M's MLP up-projection
+
+
+def matmul_peak(precision: str, shape: tuple[int, int, int] = (2048, 2048, 2048), repeats: int = 5) -> float:
+    """GFLOP/s of an (m x k) by (k x n) matmul on this machine: a large square one by default, or
+    GPT2_MATMUL, the shape the model's own products have; the median of `repeats` after a warm-up."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    m, k, n = shape
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
-    start = time.perf_counter()
-    for _ in range(5):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
         a @ b
-    return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times) / 1e9
 
 
 def peak_mib() -> float:
